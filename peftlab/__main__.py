@@ -1,0 +1,5 @@
+import sys
+
+from peftlab.cli import main
+
+sys.exit(main())

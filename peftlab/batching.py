@@ -1,0 +1,85 @@
+"""Tokenized examples and the batches made of them: length bucketing and dynamic padding.
+
+Padding costs compute that does nothing, so batches are built from examples of similar length
+(sorted within shuffled "mega-batches" for training, fully sorted for evaluation) and padded
+only to their own longest row.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+# Training batches are sorted by length within windows of this many batches. Small on purpose:
+# where length predicts the label (spam is long, ham short) wide windows (HF uses 50) make
+# batches nearly label-pure, and a head trained on sms_spam then fell to "always ham"; 8 still
+# cuts padding from 3.0x to 1.45x the real tokens there.
+BUCKET_WINDOW = 8
+
+
+@dataclass
+class Encoded:
+    """One split, tokenized: token ids per example (unpadded) and label ids."""
+
+    input_ids: list[list[int]]
+    labels: np.ndarray
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+
+def encode(texts: list[str], labels, tokenizer: PreTrainedTokenizerBase, max_length: int,
+           split: str = "data") -> Encoded:
+    """Tokenize without padding; texts over max_length are cut on the tokenizer's truncation side."""
+    ids = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+    # an empty text still needs one position to pool from
+    filler = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id]
+    ids = [x or filler for x in ids]
+    long = sum(len(x) > max_length for x in ids)
+    if long:
+        warnings.warn(f"{long} of {len(ids)} {split} texts are longer than {max_length} tokens and were "
+                      f"truncated ({tokenizer.truncation_side} side); raise --max-length to keep them whole")
+        keep_end = tokenizer.truncation_side == "left"
+        ids = [x[-max_length:] if keep_end else x[:max_length] for x in ids]
+    return Encoded(ids, np.asarray(labels, dtype=np.int64), truncated=long)
+
+
+def batch_indices(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
+                  bucket: bool = True) -> list[np.ndarray]:
+    """Split example indices into batches.
+
+    shuffle=True (training): a seeded permutation, sorted by length inside windows of
+    BUCKET_WINDOW batches when bucketing, then the batches shuffled. shuffle=False (evaluation):
+    sorted by length when bucketing, else in order. Callers map outputs back through the indices.
+    """
+    n = len(lengths)
+    if not shuffle:
+        order = np.argsort(-lengths, kind="stable") if bucket else np.arange(n)
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    if bucket:
+        w = batch_size * BUCKET_WINDOW
+        order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in np.split(order, range(w, n, w))])
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))] if bucket else batches
+
+
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int, side: str) -> dict[str, torch.Tensor]:
+    """Pad the chosen examples to their longest row on `side` ("left" or "right")."""
+    rows = [enc.input_ids[i] for i in idx]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        s = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[j, s] = torch.as_tensor(r)
+        mask[j, s] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(enc.labels[idx])}

@@ -1,0 +1,57 @@
+"""Atomic writes of weights (safetensors) and JSON: temp file in the same folder, then rename."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from peftlab.errors import PeftlabError
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_weights(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    # contiguous copies: safetensors refuses views and tensors that share storage (tied weights)
+    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    _atomic(Path(path), lambda tmp: save_file(data, tmp))
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise PeftlabError(f"weights file '{path}' does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PeftlabError(f"'{path}' is not a valid safetensors file ({e}); re-run training to rewrite it") from e
+
+
+def save_json(path: str | Path, obj) -> None:
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def load_json(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise PeftlabError(f"'{path}' does not exist; is this a peftlab run directory?") from e
+    except json.JSONDecodeError as e:
+        raise PeftlabError(f"'{path}' is not valid JSON ({e})") from e

@@ -1,0 +1,149 @@
+"""The `peftlab` command. Every RunConfig / TrainArgs field is a flag; errors print as one line."""
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+import warnings
+
+from peftlab.errors import PeftlabError
+
+
+def _flag_type(tp):
+    """The argparse type of a dataclass field annotation (X | None -> X)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is typing.Literal:
+        return str
+    return tp
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        tp = _flag_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_bool if tp is bool else tp,
+                            default=default, choices=choices, metavar=None if choices else tp.__name__.upper(),
+                            help=f"{f.metadata.get('help', '')} (default: {default})")
+
+
+def config_from_args(ns: argparse.Namespace, **override):
+    from peftlab.run import RunConfig
+    from peftlab.train import TrainArgs
+
+    pick = lambda cls: {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+    run_kw = {k: v for k, v in pick(RunConfig).items() if k != "train"}
+    return RunConfig(**{**run_kw, **override}, train=TrainArgs(**pick(TrainArgs)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from peftlab.run import RunConfig
+    from peftlab.train import TrainArgs
+
+    p = argparse.ArgumentParser(prog="peftlab", description="Fine-tune pretrained transformers cheaply and "
+                                "compare the ways of doing it.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one method on one task and write a run directory")
+    add_dataclass_flags(t, RunConfig)
+    add_dataclass_flags(t, TrainArgs)
+
+    c = sub.add_parser("compare", help="train several methods with the same settings and print a table")
+    c.add_argument("--methods", required=True, help="comma-separated method specs, e.g. head,last-1,full")
+    add_dataclass_flags(c, RunConfig, skip=("method",))
+    add_dataclass_flags(c, TrainArgs)
+
+    e = sub.add_parser("eval", help="evaluate a finished run directory")
+    e.add_argument("run_dir")
+    e.add_argument("--split", default="test", choices=("train", "validation", "test"))
+
+    sub.add_parser("models", help="list the embedded model names")
+
+    i = sub.add_parser("inspect", help="show a model's blocks and parameter counts")
+    i.add_argument("model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args) or 0
+    except PeftlabError as e:
+        print(f"peftlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"peftlab: warning: {msg}\n"
+
+
+def cmd_train(args) -> None:
+    from peftlab.compare import print_table
+    from peftlab.run import train_run
+
+    record = train_run(config_from_args(args))
+    print_table([record])
+    print(f"run directory: {record['run_dir']}")
+
+
+def cmd_compare(args) -> None:
+    from peftlab.compare import compare, print_table
+
+    methods = [m for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise PeftlabError("--methods is empty; give comma-separated specs such as head,last-1,full")
+    records = compare(config_from_args(args, method=methods[0]), methods)
+    print_table(records)
+    print(f"results: {records[0]['run_dir'].rsplit('/', 1)[0]}/compare.md")
+
+
+def cmd_eval(args) -> None:
+    from peftlab.run import eval_run
+
+    m = eval_run(args.run_dir, args.split)
+    print(f"{args.split} ({m['rows']} rows): " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "rows"))
+
+
+def cmd_models(args) -> None:
+    from peftlab.models import EMBEDDED
+
+    for name, what in EMBEDDED.items():
+        print(f"{name:14s} {what}")
+
+
+def cmd_inspect(args) -> None:
+    from peftlab.models import inspect_model
+
+    print(inspect_model(args.model))
+
+
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "models": cmd_models,
+            "inspect": cmd_inspect}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Compare methods on one model and task: one run each, same data and seed, one table."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from peftlab.checkpoint import save_json
+from peftlab.methods import parse_method
+from peftlab.run import RunConfig, default_run_dir, fmt_params, train_run
+
+
+def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[dict]:
+    """Run every method with the same settings; write compare.json and compare.md under cfg.out.
+
+    Each method loads a fresh backbone (cheap once cached), so no run sees another's weights.
+    """
+    for m in methods:
+        parse_method(m)  # every spec is checked before the first run starts
+    out = Path(cfg.out) if cfg.out else default_run_dir(dataclasses.replace(cfg, method="compare"))
+    records = []
+    for m in methods:
+        if progress:
+            Console(stderr=True).rule(f"[bold]{m}")
+        run_dir = out / m.replace("+", "_")
+        records.append(train_run(dataclasses.replace(cfg, method=m, out=str(run_dir)), progress=progress))
+    save_json(out / "compare.json", records)
+    (out / "compare.md").write_text(markdown_table(records))
+    return records
+
+
+def columns(records: list[dict]) -> list[str]:
+    extra = [] if records[0]["metric"] == "accuracy" else [records[0]["metric"]]
+    return ["method", "accuracy", *extra, "trainable", "%", "s/epoch", "tok/s", "peak MiB"]
+
+
+def rows(records: list[dict]) -> list[list[str]]:
+    out = []
+    for r in records:
+        t = r["test"]
+        extra = [] if r["metric"] == "accuracy" else [f"{100 * t[r['metric']]:.1f}"]
+        out.append([
+            r["method"], f"{100 * t['accuracy']:.1f}", *extra, fmt_params(r["trainable_params"]),
+            f"{r['trainable_pct']:.2f}", f"{sum(r['time_per_epoch_s']) / len(r['time_per_epoch_s']):.1f}",
+            f"{r['tokens_per_s']:.0f}", f"{r['peak_memory_mb']:.0f}",
+        ])
+    return out
+
+
+def print_table(records: list[dict], console: Console | None = None) -> None:
+    r0 = records[0]
+    table = Table(title=f"{r0['model']} on {r0['task']}: test metrics in % ({r0['test_rows']} test rows, "
+                        f"{r0['train_rows']} training rows)")
+    for c in columns(records):
+        table.add_column(c, justify="left" if c == "method" else "right", no_wrap=True)
+    for row in rows(records):
+        table.add_row(*row)
+    (console or Console(width=None if sys.stdout.isatty() else 120)).print(table)
+
+
+def markdown_table(records: list[dict]) -> str:
+    cols = columns(records)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(records)]
+    return "\n".join(lines) + "\n"

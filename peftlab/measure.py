@@ -1,0 +1,66 @@
+"""Measuring a run: peak memory while it runs, and the facts of the machine it ran on."""
+
+import os
+import platform
+import threading
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
+class PeakMemory:
+    """Context manager: the peak memory inside the block, in MiB.
+
+    On CPU, a sampler thread reads the process RSS every `interval` seconds (ru_maxrss only
+    ever grows, so it cannot measure one run among several in a process). On CUDA, the
+    allocator's own peak counter.
+    """
+
+    def __init__(self, device: str = "cpu", interval: float = 0.02):
+        self.device, self.interval, self.peak_mb = device, interval, 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        self._peak = rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        peak = torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else max(self._peak, rss_bytes())
+        self.peak_mb = peak / 2**20
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("peftlab", "torch", "transformers", "datasets", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def machine() -> dict[str, object]:
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
