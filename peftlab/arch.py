@@ -13,20 +13,26 @@ from peftlab.errors import PeftlabError
 
 @dataclass(frozen=True)
 class Family:
-    blocks: str  # dotted path of the block ModuleList inside the body
-    final_norm: str | None  # dotted path of the norm after the last block (None: post-LN models)
+    """Where things are. Paths are dotted; sublayer paths are relative to one block."""
+
+    blocks: str  # the block ModuleList inside the body
+    final_norm: str | None  # the norm after the last block (None: post-LN models)
     causal: bool
+    attention: str  # the attention sublayer (its input is the sublayer input)
+    attn_out: str  # attention's output projection (its output: the sublayer output, before the residual)
+    ffn: str  # the first module of the feed-forward sublayer
+    ffn_out: str  # the feed-forward output projection
+    keys_values: tuple[str, ...]  # projections making keys and values (IA3 rescales them)
 
 
-_DECODER = Family("layers", "norm", causal=True)
-_BERT = Family("encoder.layer", None, causal=False)
+_DECODER = Family("layers", "norm", True, "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj",
+                  ("k_proj", "v_proj"))
+_BERT = Family("encoder.layer", None, False, "attention", "attention.output.dense", "intermediate",
+               "output.dense", ("key", "value"))
 FAMILIES: dict[str, Family] = {
     **{t: _DECODER for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "smollm3")},
-    "gpt2": Family("h", "ln_f", causal=True),
-    "gpt_neox": Family("layers", "final_layer_norm", causal=True),
-    "opt": Family("decoder.layers", "decoder.final_layer_norm", causal=True),
+    "gpt2": Family("h", "ln_f", True, "attn", "attn.c_proj", "mlp", "mlp.c_proj", ("c_attn",)),
     **{t: _BERT for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
-    "distilbert": Family("transformer.layer", None, causal=False),
 }
 
 
@@ -42,6 +48,7 @@ class Arch:
     lm_head: nn.Module | None
     hidden_size: int
     causal: bool
+    family: Family
 
 
 def family(model_type: str) -> Family:
@@ -69,4 +76,5 @@ def describe(model: nn.Module) -> Arch:
         lm_head=lm_head,
         hidden_size=config.hidden_size,
         causal=fam.causal,
+        family=fam,
     )

@@ -42,15 +42,18 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
 
 
 def config_from_args(ns: argparse.Namespace, **override):
+    from peftlab.methods import MethodArgs
     from peftlab.run import RunConfig
     from peftlab.train import TrainArgs
 
     pick = lambda cls: {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
-    run_kw = {k: v for k, v in pick(RunConfig).items() if k != "train"}
-    return RunConfig(**{**run_kw, **override}, train=TrainArgs(**pick(TrainArgs)))
+    run_kw = {k: v for k, v in pick(RunConfig).items() if k not in ("train", "method_args")}
+    return RunConfig(**{**run_kw, **override}, train=TrainArgs(**pick(TrainArgs)),
+                     method_args=MethodArgs(**pick(MethodArgs)))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from peftlab.methods import MethodArgs
     from peftlab.run import RunConfig
     from peftlab.train import TrainArgs
 
@@ -59,13 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one method on one task and write a run directory")
-    add_dataclass_flags(t, RunConfig)
-    add_dataclass_flags(t, TrainArgs)
+    for cls in (RunConfig, TrainArgs, MethodArgs):
+        add_dataclass_flags(t, cls)
 
     c = sub.add_parser("compare", help="train several methods with the same settings and print a table")
     c.add_argument("--methods", required=True, help="comma-separated method specs, e.g. head,last-1,full")
     add_dataclass_flags(c, RunConfig, skip=("method",))
     add_dataclass_flags(c, TrainArgs)
+    add_dataclass_flags(c, MethodArgs)
 
     e = sub.add_parser("eval", help="evaluate a finished run directory")
     e.add_argument("run_dir")

@@ -18,7 +18,7 @@ def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[d
     Each method loads a fresh backbone (cheap once cached), so no run sees another's weights.
     """
     for m in methods:
-        parse_method(m)  # every spec is checked before the first run starts
+        parse_method(m, cfg.method_args)  # every spec is checked before the first run starts
     out = Path(cfg.out) if cfg.out else default_run_dir(dataclasses.replace(cfg, method="compare"))
     records = []
     for m in methods:

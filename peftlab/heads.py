@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from peftlab.arch import Arch
+from peftlab.virtual import body_inputs
 
 Pooling = Literal["auto", "last", "first", "mean"]
 POOLINGS = ("auto", "last", "first", "mean")
@@ -36,10 +37,13 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 class Classifier(nn.Module):
     """Backbone body + pooling + linear head; forward returns (B, num_labels) logits."""
 
-    def __init__(self, arch: Arch, num_labels: int, pooling: Pooling = "auto"):
+    def __init__(self, arch: Arch, num_labels: int, pooling: Pooling = "auto", tokenizer=None):
         super().__init__()
         self.arch = arch  # plain attribute: handles on the body's parts for the methods
+        self.tokenizer = tokenizer  # for methods that start from text (prompt-tuning init)
         self.body = arch.body
+        self.prompt: nn.Module | None = None  # virtual input embeddings (prompt tuning)
+        self.prefix: nn.Module | None = None  # virtual keys/values (prefix tuning)
         if getattr(self.body, "pooler", None) is not None:
             self.body.pooler = None  # BERT's pooler is unused: we pool last_hidden_state ourselves
         self.causal = arch.causal
@@ -50,12 +54,8 @@ class Classifier(nn.Module):
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled (B, H) features of the body."""
-        kw = {}
-        if self.causal:
-            # Positions count real tokens only, so a left-padded row sees the positions it would alone.
-            kw["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
-        return pool(out.last_hidden_state, attention_mask, self.pooling)
+        kw, pool_mask = body_inputs(self, input_ids, attention_mask)
+        return pool(self.body(**kw).last_hidden_state, pool_mask, self.pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(input_ids, attention_mask))

@@ -20,7 +20,7 @@ from peftlab.data import Task, load_task, subset
 from peftlab.errors import PeftlabError
 from peftlab.heads import POOLINGS, Classifier
 from peftlab.measure import PeakMemory, machine, versions
-from peftlab.methods import parse_method, set_trainable, trainable_names
+from peftlab.methods import MethodArgs, parse_method, set_trainable, trainable_names
 from peftlab.models import Backbone, load_backbone
 from peftlab.train import TrainArgs, evaluate, train
 
@@ -43,10 +43,13 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "seeds data order, subsets and head init"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<model>-<task>-<method>-<time>)"})
     train: TrainArgs = field(default_factory=TrainArgs)
+    method_args: MethodArgs = field(default_factory=MethodArgs)
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
             self.train = TrainArgs(**self.train)
+        if isinstance(self.method_args, dict):
+            self.method_args = MethodArgs(**self.method_args)
         if self.pooling not in POOLINGS:
             raise PeftlabError(f"--pooling '{self.pooling}' is unknown; valid: {', '.join(POOLINGS)}")
         if self.max_length < 2:
@@ -76,7 +79,7 @@ class Prepared:
 
 def prepare(cfg: RunConfig, backbone: Backbone | None = None) -> Prepared:
     """Load (or reuse) the backbone, load and tokenize the task, apply the method, freeze the rest."""
-    method = parse_method(cfg.method)  # fail fast, before any loading
+    method = parse_method(cfg.method, cfg.method_args)  # fail fast, before any loading
     task = load_task(cfg.task, text_column=cfg.text_column, label_column=cfg.label_column, seed=cfg.seed)
     backbone = backbone or load_backbone(cfg.model, seed=cfg.seed)
     tok = backbone.tokenizer
@@ -86,7 +89,7 @@ def prepare(cfg: RunConfig, backbone: Backbone | None = None) -> Prepared:
         ds = subset(ds, limits[split], cfg.seed)
         data[split] = encode(ds["text"], ds["label"], tok, cfg.max_length, split)
     torch.manual_seed(cfg.seed)
-    model = Classifier(backbone.arch, task.num_labels, cfg.pooling)
+    model = Classifier(backbone.arch, task.num_labels, cfg.pooling, tok)
     method.apply(model)
     names = trainable_names(model, method)
     set_trainable(model, names)

@@ -9,12 +9,38 @@ it holds. Adding a method means adding a module here and one entry to `PARSERS`.
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.selective import Selective, parse_selective, SELECTIVE_SPECS
+from peftlab.methods.adapters import PLACEMENTS, Adapters
+from peftlab.methods.ia3 import IA3
+from peftlab.methods.lora import DEFAULT_TARGETS, Lora
+from peftlab.methods.prefix import PrefixTuning
+from peftlab.methods.prompt import PromptTuning
+from peftlab.methods.selective import SELECTIVE_SPECS, Selective, parse_selective
+
+
+@dataclass
+class MethodArgs:
+    """Hyperparameters of the methods (each is also a CLI flag); a method reads its own."""
+
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_targets: str = field(default=DEFAULT_TARGETS, metadata={
+        "help": "module names or regexes to adapt, 'all-linear', or 'c_attn:q,v' for parts of a fused qkv"})
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+    virtual_tokens: int = field(default=20, metadata={"help": "soft-prompt / prefix length"})
+    prompt_init: str = field(default="vocab", metadata={"help": "soft-prompt init: text, vocab or random"})
+    prompt_text: str | None = field(default=None, metadata={"help": "init text for --prompt-init text"})
+    prefix_projection: int = field(default=0, metadata={"help": "prefix MLP width (0: a plain table)"})
+    adapter: str = field(default="parallel", metadata={"help": f"bottleneck placement: {', '.join(PLACEMENTS)}"})
+    adapter_reduction: int = field(default=16, metadata={"help": "hidden size / bottleneck width"})
+    adapter_scaling: float = field(default=1.0, metadata={"help": "scale of the adapter's output"})
+    adapter_at: str | None = field(default=None, metadata={"help": "override where: attn, ffn or attn,ffn"})
 
 
 class Method(Protocol):
@@ -26,18 +52,27 @@ class Method(Protocol):
     def trainable(self, model: nn.Module) -> list[nn.Parameter]: ...
 
 
+def _lora(spec: str, a: MethodArgs) -> Lora:
+    return Lora(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=a.lora_targets, rslora=a.rslora)
+
+
 # (pattern, parser, how the spec is written): the first matching pattern parses the spec.
-PARSERS: list[tuple[str, Callable[[str], Method], str]] = [
-    *((p, parse_selective, shown) for p, shown in SELECTIVE_SPECS),
+PARSERS: list[tuple[str, Callable[[str, MethodArgs], Method], str]] = [
+    *((p, lambda spec, a: parse_selective(spec), shown) for p, shown in SELECTIVE_SPECS),
+    ("lora", _lora, "lora"),
+    ("prompt", lambda spec, a: PromptTuning(a.virtual_tokens, a.prompt_init, a.prompt_text), "prompt"),
+    ("prefix", lambda spec, a: PrefixTuning(a.virtual_tokens, a.prefix_projection), "prefix"),
+    ("adapter", lambda spec, a: Adapters(a.adapter, a.adapter_reduction, a.adapter_scaling, a.adapter_at), "adapter"),
+    ("ia3", lambda spec, a: IA3(), "ia3"),
 ]
 
 
-def parse_method(spec: str) -> Method:
-    """Turn a method spec such as 'last-2' or 'last-block+norm' into a method object."""
+def parse_method(spec: str, args: MethodArgs | None = None) -> Method:
+    """Turn a method spec such as 'last-2', 'last-block+norm' or 'lora' into a method object."""
     spec = spec.strip()
     for pattern, parser, _ in PARSERS:
         if re.fullmatch(pattern, spec):
-            return parser(spec)
+            return parser(spec, args or MethodArgs())
     valid = ", ".join(shown for _, _, shown in PARSERS)
     raise PeftlabError(f"unknown method '{spec}'; valid: {valid}")
 
@@ -57,8 +92,25 @@ def set_trainable(model: nn.Module, names: list[str]) -> None:
         p.requires_grad_(n in keep)
 
 
+def merge(model: nn.Module) -> int:
+    """Fold every mergeable change (LoRA, IA3, prefix MLPs) into plain weights; returns how many.
+
+    Any module with `merge()`/`unmerge()` takes part: shared code needs no list of methods.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "merge") and hasattr(m, "unmerge") and m is not model]
+    for m in layers:
+        m.merge()
+    return len(layers)
+
+
+def unmerge(model: nn.Module) -> None:
+    for m in model.modules():
+        if hasattr(m, "merge") and hasattr(m, "unmerge") and m is not model:
+            m.unmerge()
+
+
 def method_names() -> list[str]:
     return [shown for _, _, shown in PARSERS]
 
 
-__all__ = ["Method", "Selective", "parse_method", "method_names", "trainable_names", "set_trainable"]
+__all__ = ["Lora", "Method", "MethodArgs", "Selective", "parse_method", "method_names", "trainable_names", "set_trainable", "merge", "unmerge"]

@@ -1,0 +1,253 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685): a low-rank update added in parallel to a projection.
+
+    h = W x + (alpha / r) * B A dropout(x)        A: (r, in), B: (out, r), B = 0 at init
+
+In the unified view (He et al. 2021) LoRA is a parallel, low-rank additive change at a
+projection. `LoraLayer` wraps an `nn.Linear` or GPT-2's `Conv1D` (which stores W transposed),
+holds any number of named adapters, and merges/unmerges them into W exactly. For GPT-2's fused
+`c_attn` a target such as `c_attn:q,v` adapts only the query and value thirds of the output,
+as the LoRA paper did.
+"""
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftlab.errors import PeftlabError
+
+DEFAULT_TARGETS = "q_proj,v_proj,c_attn:q,v,query,value"
+
+
+class LoraLayer(nn.Module):
+    """A frozen projection plus named low-rank adapters.
+
+    Attribute names follow HF PEFT (`base_layer`, `lora_A`, `lora_B`) so state dicts map 1:1.
+    `active` lists the adapters applied in forward; `row_adapters`, when set, gives one adapter
+    name (or None for the base) per batch row, for mixed batches.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base_layer = base
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # Conv1D weight is (in, out)
+        w = base.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.out_rows: dict[str, torch.Tensor | None] = {}  # output features an adapter writes to
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.row_adapters: list[str | None] | None = None
+
+    def add(self, name: str, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+            parts: tuple[int, ...] | None = None, n_parts: int = 3) -> None:
+        """Add adapter `name`; `parts` picks chunks of a fused output (e.g. (0, 2): q and v of qkv)."""
+        rows = None
+        if parts is not None:
+            size = self.out_features // n_parts
+            rows = torch.cat([torch.arange(p * size, (p + 1) * size) for p in parts])
+        out = self.out_features if rows is None else len(rows)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, out, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # as nn.Linear and HF PEFT
+        nn.init.zeros_(self.lora_B[name].weight)  # the adapted model starts equal to the base
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
+        self.out_rows[name] = rows
+        w = self.base_layer.weight
+        self.lora_A[name].to(w.device, w.dtype)
+        self.lora_B[name].to(w.device, w.dtype)
+
+    def delete(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge(name)
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        del self.scaling[name], self.out_rows[name]
+        self.active = [a for a in self.active if a != name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The (out, in) update scaling * B A, scattered into the adapter's output rows."""
+        ba = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
+        rows = self.out_rows[name]
+        if rows is not None:
+            full = ba.new_zeros(self.out_features, self.in_features)
+            full[rows] = ba
+            ba = full
+        return ba.T if self.fan_in_fan_out else ba
+
+    @torch.no_grad()
+    def merge(self, name: str | None = None) -> None:
+        """Fold the named adapter (default: every active one) into the base weight."""
+        for n in [name] if name else list(self.active):
+            if n not in self.merged:
+                self.base_layer.weight += self.delta_weight(n)
+                self.merged.append(n)
+
+    @torch.no_grad()
+    def unmerge(self, name: str | None = None) -> None:
+        """Take the named adapter (default: every merged one) back out of the base weight."""
+        for n in [name] if name else list(self.merged):
+            if n in self.merged:
+                self.base_layer.weight -= self.delta_weight(n)
+                self.merged.remove(n)
+
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        d = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        rows = self.out_rows[name]
+        if rows is None:
+            return d
+        full = d.new_zeros(*d.shape[:-1], self.out_features)
+        full[..., rows.to(d.device)] = d
+        return full
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.row_adapters is not None:
+            assert not self.merged, "unmerge adapters before running a mixed batch"
+            for name in set(self.row_adapters) - {None}:
+                idx = [i for i, a in enumerate(self.row_adapters) if a == name]
+                out[idx] = out[idx] + self._delta(name, x[idx])
+            return out
+        for name in self.active:
+            if name not in self.merged:
+                out = out + self._delta(name, x)
+        return out
+
+
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@dataclass
+class Target:
+    pattern: str  # module-name suffix or regex; "all-linear" for every Linear/Conv1D
+    parts: tuple[int, ...] | None = None  # chunks of a fused qkv output
+
+
+def parse_targets(spec: str) -> list[Target]:
+    """'q_proj,v_proj' -> two targets; 'c_attn:q,v' -> the q and v thirds of c_attn."""
+    out: list[Target] = []
+    for tok in re.split(r",(?![qkv](?:,|$))", spec):
+        tok = tok.strip()
+        if not tok:
+            continue
+        if ":" in tok:
+            name, parts = tok.split(":", 1)
+            bad = set(parts.split(",")) - set("qkv")
+            if bad:
+                raise PeftlabError(f"LoRA target '{tok}': parts must be among q,k,v, got {sorted(bad)}")
+            out.append(Target(name, tuple(sorted("qkv".index(p) for p in parts.split(",")))))
+        else:
+            out.append(Target(tok))
+    return out
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
+
+
+@dataclass
+class Lora:
+    """The LoRA method: inject adapter `adapter` into every matching projection of the body."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = DEFAULT_TARGETS
+    rslora: bool = False
+    adapter: str = "default"
+    default_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise PeftlabError(f"--lora-r must be at least 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise PeftlabError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def name(self) -> str:
+        return "lora"
+
+    def apply(self, model: nn.Module) -> None:
+        body = model.arch.body
+        targets = parse_targets(self.targets)
+        wrapped = [n for n, m in body.named_modules() if isinstance(m, LoraLayer)]
+        # candidates: plain projections, and LoraLayers (a further adapter joins the same layer)
+        linear = [(n, m) for n, m in body.named_modules() if isinstance(m, (nn.Linear, Conv1D, LoraLayer))
+                  and not any(n.startswith(w + ".") for w in wrapped)]
+        hits = 0
+        for name, module in linear:
+            hit = next((t for t in targets if t.pattern == "all-linear" or _matches(name, t.pattern)), None)
+            if hit is None:
+                continue
+            layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
+            if self.adapter in layer.lora_A:
+                raise PeftlabError(f"adapter '{self.adapter}' already exists on {name}; pick another name")
+            layer.add(self.adapter, self.r, self.alpha, self.dropout, self.rslora, hit.parts)
+            layer.active = [self.adapter]
+            if layer is not module:
+                parent, _, child = name.rpartition(".")
+                setattr(body.get_submodule(parent) if parent else body, child, layer)
+            hits += 1
+        if not hits:
+            names = sorted({n.rsplit(".", 1)[-1] for n, _ in linear})
+            raise PeftlabError(f"--lora-targets '{self.targets}' matched no projection of this model; "
+                               f"its linear layers are named: {', '.join(names)} (or use all-linear)")
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for layer in lora_layers(model.arch.body) if self.adapter in layer.lora_A
+                for p in (*layer.lora_A[self.adapter].parameters(), *layer.lora_B[self.adapter].parameters())]
+
+
+def set_active(model: nn.Module, *names: str) -> None:
+    """Apply exactly these adapters in forward (several add up)."""
+    for layer in lora_layers(model):
+        missing = [n for n in names if n not in layer.lora_A]
+        if missing:
+            raise PeftlabError(f"adapter(s) {missing} do not exist; present: {sorted(layer.lora_A)}")
+        unmerge_needed = [m for m in layer.merged if m not in names]
+        for m in unmerge_needed:
+            layer.unmerge(m)
+        layer.active = list(names)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    for layer in lora_layers(model):
+        if name in layer.lora_A:
+            layer.delete(name)
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run the base model alone inside the block (merged adapters are taken out and put back)."""
+    layers = lora_layers(model)
+    saved = [(layer, list(layer.active), list(layer.merged)) for layer in layers]
+    for layer in layers:
+        layer.unmerge()
+        layer.active = []
+    try:
+        yield
+    finally:
+        for layer, active, merged in saved:
+            layer.active = active
+            for name in merged:
+                layer.merge(name)
+
+
+@contextmanager
+def per_row(model: nn.Module, adapters: list[str | None]):
+    """A mixed batch: row i runs through adapter adapters[i] (None: the base model)."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.row_adapters = adapters
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_adapters = None

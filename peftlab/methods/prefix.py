@@ -1,0 +1,89 @@
+"""Prefix tuning (Li & Liang 2021, arXiv:2101.00190): n learned keys and values in front of
+every attention layer's own; the network stays frozen. In the unified view: extra key/value
+slots, a change applied in parallel to attention.
+
+With grouped-query attention (Llama, SmolLM2) a prefix has one key and value per KV head, not
+per query head. The optional reparameterisation (an MLP over a small embedding, which trains
+more stably) is folded into a plain table after training: `fold()`. The table layout is HF
+PEFT's PrefixEncoder: (n, layers * 2 * kv_heads * head_dim).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftlab.errors import PeftlabError
+from peftlab.virtual import prefill
+
+
+class Prefix(nn.Module):
+    def __init__(self, n: int, layers: int, kv_heads: int, head_dim: int, projection: int = 0, std: float = 1.0):
+        super().__init__()
+        self.n, self.layers, self.kv_heads, self.head_dim = n, layers, kv_heads, head_dim
+        width = layers * 2 * kv_heads * head_dim
+        if projection:
+            token_dim = kv_heads * head_dim
+            self.embedding = nn.Embedding(n, token_dim)
+            self.transform = nn.Sequential(nn.Linear(token_dim, projection), nn.Tanh(), nn.Linear(projection, width))
+        else:
+            self.embedding = nn.Embedding(n, width)
+            self.transform = None
+            nn.init.normal_(self.embedding.weight, std=std)
+
+    def table(self) -> torch.Tensor:
+        w = self.embedding.weight
+        return self.transform(w) if self.transform is not None else w
+
+    def key_values(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, keys and values of shape (B, kv_heads, n, head_dim)."""
+        t = self.table().view(self.n, self.layers * 2, self.kv_heads, self.head_dim)
+        t = t.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # (2L, B, kv, n, d)
+        return [(t[2 * i], t[2 * i + 1]) for i in range(self.layers)]
+
+    def cache(self, batch_size: int, config):
+        return prefill(self.key_values(batch_size), config)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace the MLP by the table it computes: same outputs, no MLP at inference."""
+        if self.transform is not None:
+            table = self.table()
+            self.embedding = nn.Embedding.from_pretrained(table, freeze=False)
+            self.transform = None
+
+    merge = fold  # the generic merge() folds prefixes too
+
+    def unmerge(self) -> None:
+        """Folding changes no output, so there is nothing to take back."""
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) from a model config, GQA-aware."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv, head_dim
+
+
+@dataclass
+class PrefixTuning:
+    n: int = 20
+    projection: int = 0
+    default_lr: float = 1e-2
+    name: str = "prefix"
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise PeftlabError(f"--virtual-tokens must be at least 1, got {self.n}")
+        if self.projection < 0:
+            raise PeftlabError(f"--prefix-projection must be >= 0 (0: no MLP), got {self.projection}")
+
+    def apply(self, model: nn.Module) -> None:
+        if getattr(model, "prefix", None) is not None:
+            raise PeftlabError("the model already has a prefix; a spec may hold one prefix method")
+        layers, kv, d = kv_shape(model.arch.body.config)
+        model.prefix = Prefix(self.n, layers, kv, d, self.projection)
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return list(model.prefix.parameters())

@@ -1,0 +1,73 @@
+"""Prompt tuning (Lester et al. 2021, arXiv:2104.08691): n learned vectors prepended to the
+input embeddings; the whole network stays frozen. In the unified view: extra input vectors.
+
+Initialisation: from the embeddings of a text (repeated to fill n tokens, as HF PEFT's
+`prompt_tuning_init_text`), of random vocabulary tokens, or random at the embeddings' scale.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftlab.errors import PeftlabError
+
+
+class SoftPrompt(nn.Module):
+    """(B,) -> (B, n, H) virtual input embeddings. `embedding` matches HF PEFT's PromptEmbedding."""
+
+    def __init__(self, n: int, init: torch.Tensor):
+        super().__init__()
+        self.n = n
+        self.embedding = nn.Embedding(n, init.shape[1])
+        with torch.no_grad():
+            self.embedding.weight.copy_(init)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.embedding.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def init_vectors(n: int, embeddings: nn.Embedding, how: str, text: str | None, tokenizer, seed: int = 0
+                 ) -> torch.Tensor:
+    table = embeddings.weight.detach()
+    g = torch.Generator().manual_seed(seed)
+    if how == "text":
+        if not text:
+            raise PeftlabError("--prompt-init text needs --prompt-text, e.g. 'Classify the sentiment'")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise PeftlabError(f"--prompt-text '{text}' tokenizes to nothing; give some words")
+        ids = (ids * (n // len(ids) + 1))[:n]
+        return table[torch.tensor(ids)].clone()
+    if how == "vocab":
+        return table[torch.randint(0, table.shape[0], (n,), generator=g)].clone()
+    if how == "random":
+        return torch.randn(n, table.shape[1], generator=g) * table.std()
+    raise PeftlabError(f"--prompt-init '{how}' is unknown; valid: text, vocab, random")
+
+
+@dataclass
+class PromptTuning:
+    n: int = 20
+    init: str = "vocab"
+    text: str | None = None
+    default_lr: float = 3e-2
+    name: str = "prompt"
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise PeftlabError(f"--virtual-tokens must be at least 1, got {self.n}")
+
+    def apply(self, model: nn.Module) -> None:
+        if getattr(model, "prompt", None) is not None:
+            raise PeftlabError("the model already has a soft prompt; a spec may hold one prompt method")
+        limit = getattr(model.arch.body.config, "max_position_embeddings", None)
+        if limit is not None and self.n >= limit:
+            raise PeftlabError(f"--virtual-tokens {self.n} leaves no room in a {limit}-position context")
+        if self.init == "text" and model.tokenizer is None:
+            raise PeftlabError("--prompt-init text needs the model's tokenizer; build the model from a backbone")
+        init = init_vectors(self.n, model.arch.embeddings, self.init, self.text, model.tokenizer)
+        model.prompt = SoftPrompt(self.n, init.to(model.arch.embeddings.weight))
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        return list(model.prompt.parameters())
