@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--split", default="test", choices=("train", "validation", "test"))
 
+    x = sub.add_parser("export", help="write a run's adapter in Hugging Face PEFT layout")
+    x.add_argument("run_dir")
+    x.add_argument("--out", required=True, help="directory for adapter_config.json + adapter_model.safetensors")
+
+    g = sub.add_parser("merge", help="fold a run's LoRA/IA3/selective changes into a plain transformers model")
+    g.add_argument("run_dir")
+    g.add_argument("--out", required=True, help="directory for the merged model (safetensors) and its head")
+
     sub.add_parser("models", help="list the embedded model names")
 
     i = sub.add_parser("inspect", help="show a model's blocks and parameter counts")
@@ -133,6 +141,18 @@ def cmd_eval(args) -> None:
     print(f"{args.split} ({m['rows']} rows): " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "rows"))
 
 
+def cmd_export(args) -> None:
+    from peftlab.export import export_adapter
+
+    print(f"adapter written to {export_adapter(args.run_dir, args.out)}")
+
+
+def cmd_merge(args) -> None:
+    from peftlab.export import merge_run
+
+    print(f"merged model written to {merge_run(args.run_dir, args.out)} (task head: head.safetensors)")
+
+
 def cmd_models(args) -> None:
     from peftlab.models import EMBEDDED
 
@@ -146,8 +166,8 @@ def cmd_inspect(args) -> None:
     print(inspect_model(args.model))
 
 
-COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "models": cmd_models,
-            "inspect": cmd_inspect}
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "export": cmd_export,
+            "merge": cmd_merge, "models": cmd_models, "inspect": cmd_inspect}
 
 if __name__ == "__main__":
     sys.exit(main())

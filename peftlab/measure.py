@@ -20,7 +20,7 @@ def rss_bytes() -> int:
 
 
 class PeakMemory:
-    """Context manager: the peak memory inside the block, in MiB.
+    """Context manager: the peak memory inside the block, and its rise over the start, in MiB.
 
     On CPU, a sampler thread reads the process RSS every `interval` seconds (ru_maxrss only
     ever grows, so it cannot measure one run among several in a process). On CUDA, the
@@ -28,13 +28,13 @@ class PeakMemory:
     """
 
     def __init__(self, device: str = "cpu", interval: float = 0.02):
-        self.device, self.interval, self.peak_mb = device, interval, 0.0
+        self.device, self.interval, self.peak_mb, self.rise_mb = device, interval, 0.0, 0.0
         self._stop = threading.Event()
 
     def __enter__(self) -> "PeakMemory":
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        self._peak = rss_bytes()
+        self._peak = self._start = rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -48,6 +48,8 @@ class PeakMemory:
         self._thread.join()
         peak = torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else max(self._peak, rss_bytes())
         self.peak_mb = peak / 2**20
+        # what the block added on top of what was resident when it began
+        self.rise_mb = (peak - (0 if self.device.startswith("cuda") else self._start)) / 2**20
 
 
 def versions() -> dict[str, str]:

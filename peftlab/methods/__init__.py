@@ -5,6 +5,9 @@
 
 Shared code (training, counting, saving) only calls these hooks; it never asks which method
 it holds. Adding a method means adding a module here and one entry to `PARSERS`.
+
+A spec may join several methods with '+' ("lora+last-1", "prefix+adapter"); `mam` is He et
+al.'s mix-and-match adapter, prefix tuning plus a parallel FFN adapter.
 """
 
 import re
@@ -67,14 +70,53 @@ PARSERS: list[tuple[str, Callable[[str, MethodArgs], Method], str]] = [
 ]
 
 
-def parse_method(spec: str, args: MethodArgs | None = None) -> Method:
-    """Turn a method spec such as 'last-2', 'last-block+norm' or 'lora' into a method object."""
-    spec = spec.strip()
+@dataclass
+class Mix:
+    """Several methods at once: each applies its change; the trainable set is the union."""
+
+    parts: list
+    name: str
+
+    @property
+    def default_lr(self) -> float:
+        return min(p.default_lr for p in self.parts)  # the most delicate part sets the pace
+
+    def apply(self, model: nn.Module) -> None:
+        for p in self.parts:
+            p.apply(model)
+
+    def trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for p in self.parts:
+            seen.update((id(t), t) for t in p.trainable(model))
+        return list(seen.values())
+
+
+ALIASES = {"mam": "prefix+adapter"}
+
+
+def _parse_one(spec: str, args: MethodArgs) -> Method:
     for pattern, parser, _ in PARSERS:
         if re.fullmatch(pattern, spec):
-            return parser(spec, args or MethodArgs())
-    valid = ", ".join(shown for _, _, shown in PARSERS)
-    raise PeftlabError(f"unknown method '{spec}'; valid: {valid}")
+            return parser(spec, args)
+    valid = ", ".join([shown for _, _, shown in PARSERS] + list(ALIASES))
+    raise PeftlabError(f"unknown method '{spec}'; valid: {valid} (join several with '+')")
+
+
+def parse_method(spec: str, args: MethodArgs | None = None) -> Method:
+    """Turn a method spec such as 'last-2', 'last-block+norm', 'lora+head' or 'mam' into a method."""
+    spec, args = spec.strip(), args or MethodArgs()
+    if spec == "mam":
+        return Mix([PrefixTuning(args.virtual_tokens, args.prefix_projection),
+                    Adapters("parallel", args.adapter_reduction, args.adapter_scaling, "ffn")], "mam")
+    names = [s.strip() for s in re.split(r"\+(?!norm\b)", spec)]  # last-block+norm is one name
+    if len(names) == 1:
+        return _parse_one(spec, args)
+    if len(set(names)) < len(names):
+        raise PeftlabError(f"method '{spec}' names a part twice; list each method once")
+    if "full" in names:
+        raise PeftlabError(f"method '{spec}' mixes 'full' with others; full already trains every weight")
+    return Mix([_parse_one(n, args) for n in names], spec)
 
 
 def trainable_names(model: nn.Module, method: Method, *, train_head: bool = True) -> list[str]:
@@ -113,4 +155,5 @@ def method_names() -> list[str]:
     return [shown for _, _, shown in PARSERS]
 
 
-__all__ = ["Lora", "Method", "MethodArgs", "Selective", "parse_method", "method_names", "trainable_names", "set_trainable", "merge", "unmerge"]
+__all__ = ["Lora", "Method", "MethodArgs", "Mix", "Selective", "merge", "method_names", "parse_method",
+           "set_trainable", "trainable_names", "unmerge"]

@@ -1,0 +1,45 @@
+"""Getting trained work out of a run directory: as a PEFT-layout adapter, or merged into a
+plain transformers model that loads with `AutoModel*.from_pretrained` and no peftlab."""
+
+from pathlib import Path
+
+from torch import nn
+
+from peftlab.checkpoint import save_weights
+from peftlab.errors import PeftlabError
+from peftlab.methods import merge, parse_method
+from peftlab.peft_format import save_adapter
+from peftlab.run import load_run
+
+
+def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
+    """Write a run's adapter in HF PEFT layout (adapter_config.json, adapter_model.safetensors, head)."""
+    cfg, p = load_run(run_dir)
+    method = parse_method(cfg.method, cfg.method_args)
+    # a fresh parse is stateless: the loaded model already carries the method's modules
+    save_adapter(out, method, p.model, p.backbone.model, p.trainable, cfg.model)
+    return Path(out)
+
+
+def unwrap(body: nn.Module) -> None:
+    """Replace every merged wrapper (a module with a `base_layer`) by its base layer."""
+    for name, module in list(body.named_modules()):
+        if hasattr(module, "base_layer"):
+            parent, _, child = name.rpartition(".")
+            setattr(body.get_submodule(parent) if parent else body, child, module.base_layer)
+
+
+def merge_run(run_dir: str | Path, out: str | Path) -> Path:
+    """Fold a run's changes into the base weights and save a plain transformers model + its head."""
+    cfg, p = load_run(run_dir)
+    extra = sorted({n.split(".")[0] for n, _ in p.model.named_parameters()} - {"body", "head"})
+    if extra:
+        raise PeftlabError(f"'{cfg.method}' adds modules that do not fold into the base weights ({', '.join(extra)}); "
+                           "use `peftlab export` for an adapter instead")
+    merge(p.model)
+    unwrap(p.model.body)
+    out = Path(out)
+    p.backbone.model.save_pretrained(out)
+    p.backbone.tokenizer.save_pretrained(out)
+    save_weights(out / "head.safetensors", {k: v for k, v in p.model.head.state_dict().items()})
+    return out

@@ -1,0 +1,148 @@
+"""Adapters in the Hugging Face PEFT layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+An adapter saved here loads with `peft.PeftModel.from_pretrained(base_model, dir)` and gives the
+same outputs; an adapter saved by PEFT loads here. Key names are PEFT's: the adapter name is
+dropped ("lora_A.default.weight" -> "lora_A.weight"), paths are those of the full HF model under
+"base_model.model.", soft prompts and prefixes are "prompt_embeddings". Bottleneck adapters,
+which PEFT lacks, use the same two files with peft_type "BOTTLENECK". The task head, which
+PEFT keeps elsewhere, is saved beside them as `head.safetensors`. Only safetensors and JSON
+are read.
+"""
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftlab.checkpoint import load_json, load_weights, save_json, save_weights
+from peftlab.errors import PeftlabError
+from peftlab.methods import Method, Mix
+from peftlab.methods.adapters import Adapters
+from peftlab.methods.ia3 import IA3
+from peftlab.methods.lora import Lora, LoraLayer
+from peftlab.methods.prefix import PrefixTuning
+from peftlab.methods.prompt import PromptTuning
+
+CONFIG, WEIGHTS, HEAD = "adapter_config.json", "adapter_model.safetensors", "head.safetensors"
+
+
+def peft_config(method: Method, model: nn.Module, base: str) -> dict:
+    """The adapter_config.json of a method (one PEFT method per file, as PEFT itself)."""
+    # PEFT applies soft prompts and prefixes only in its task-specific wrappers, so name one
+    task = "CAUSAL_LM" if model.arch.causal else "FEATURE_EXTRACTION"
+    cfg = {"base_model_name_or_path": base, "task_type": task, "inference_mode": True, "peft_version": "0.21.2"}
+    fam = model.arch.family
+    if isinstance(method, Lora):
+        layers = [m for m in model.arch.body.modules() if isinstance(m, LoraLayer)]
+        if any(layer.out_rows.get(method.adapter) is not None for layer in layers):
+            raise PeftlabError("LoRA on parts of a fused qkv (c_attn:q,v) has no PEFT equivalent; "
+                               "train with --lora-targets c_attn to export in PEFT layout")
+        hit = sorted({n.rsplit(".", 1)[-1] for n, m in model.arch.body.named_modules() if hasattr(m, "lora_A")})
+        return {**cfg, "peft_type": "LORA", "r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout,
+                "target_modules": hit, "use_rslora": method.rslora, "bias": "none",
+                "fan_in_fan_out": model.arch.model_type == "gpt2", "init_lora_weights": True}
+    if isinstance(method, PromptTuning):
+        return {**cfg, "peft_type": "PROMPT_TUNING", "num_virtual_tokens": method.n, "prompt_tuning_init": "RANDOM",
+                "token_dim": model.arch.hidden_size, "num_transformer_submodules": 1}
+    if isinstance(method, PrefixTuning):
+        p = model.prefix
+        return {**cfg, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": method.n, "prefix_projection": False,
+                "token_dim": p.kv_heads * p.head_dim, "num_attention_heads": p.kv_heads, "num_layers": p.layers,
+                "num_transformer_submodules": 1}
+    if isinstance(method, IA3):
+        ff = fam.ffn_out.rsplit(".", 1)[-1]
+        return {**cfg, "peft_type": "IA3", "target_modules": [*fam.keys_values, ff], "feedforward_modules": [ff],
+                "fan_in_fan_out": model.arch.model_type == "gpt2"}
+    if isinstance(method, Adapters):
+        return {**cfg, "peft_type": "BOTTLENECK", "adapter": method.placement, "reduction": method.reduction,
+                "scaling": method.scaling, "at": method.at}
+    raise PeftlabError(f"method '{method.name}' is not an adapter; its run directory's "
+                       "trainable.safetensors holds its weights")
+
+
+def _body_prefix(backbone_model: nn.Module, body: nn.Module) -> str:
+    return "" if backbone_model is body else backbone_model.base_model_prefix + "."
+
+
+def to_peft_key(name: str, prefix: str) -> str | None:
+    """peftlab parameter name -> PEFT key (None: not part of the adapter file)."""
+    if name.startswith(("prompt.", "prefix.")):
+        return "prompt_embeddings"
+    if name.startswith("adapters."):
+        return name
+    if name.startswith("body."):
+        return "base_model.model." + prefix + re.sub(r"\.default(?=\.|$)", "", name[len("body."):])
+    return None
+
+
+def save_adapter(out: str | Path, method: Method, model: nn.Module, backbone_model: nn.Module,
+                 trainable: list[str], base: str) -> None:
+    """Write the method's weights in PEFT layout, plus the task head."""
+    out = Path(out)
+    parts = method.parts if isinstance(method, Mix) else [method]
+    if len(parts) != 1:
+        raise PeftlabError("PEFT's layout holds one method per adapter; export each part of a mix separately")
+    config = peft_config(parts[0], model, base)
+    prefix = _body_prefix(backbone_model, model.arch.body)
+    params = dict(model.named_parameters())
+    tensors = {to_peft_key(n, prefix): params[n] for n in trainable if not n.startswith("head.")}
+    if getattr(model, "prefix", None) is not None:
+        tensors["prompt_embeddings"] = model.prefix.table().detach()  # folded: PEFT reads a plain table
+    tensors.pop(None, None)
+    save_weights(out / WEIGHTS, tensors)
+    save_weights(out / HEAD, {n: params[n] for n in trainable if n.startswith("head.")})
+    save_json(out / CONFIG, config)
+
+
+def method_from_config(cfg: dict) -> Method:
+    kind = cfg.get("peft_type")
+    if kind == "LORA":
+        targets = cfg["target_modules"]
+        targets = ",".join(targets) if isinstance(targets, list) else targets
+        return Lora(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0), targets=targets,
+                    rslora=cfg.get("use_rslora", False))
+    if kind == "PROMPT_TUNING":
+        return PromptTuning(cfg["num_virtual_tokens"], init="random")
+    if kind == "PREFIX_TUNING":
+        return PrefixTuning(cfg["num_virtual_tokens"])
+    if kind == "IA3":
+        return IA3()
+    if kind == "BOTTLENECK":
+        return Adapters(cfg["adapter"], cfg["reduction"], cfg["scaling"], cfg.get("at"))
+    raise PeftlabError(f"adapter type '{kind}' is not supported; supported: LORA, PROMPT_TUNING, PREFIX_TUNING, "
+                       "IA3, BOTTLENECK")
+
+
+def load_adapter(path: str | Path, model: nn.Module, backbone_model: nn.Module) -> Method:
+    """Apply the adapter in `path` (PEFT layout) to `model` and load its weights; returns the method."""
+    path = Path(path)
+    cfg = load_json(path / CONFIG)
+    method = method_from_config(cfg)
+    method.apply(model)
+    prefix = _body_prefix(backbone_model, model.arch.body)
+    weights = load_weights(path / WEIGHTS)
+    params = dict(model.named_parameters())
+    wanted = {to_peft_key(n, prefix): n for n in params if to_peft_key(n, prefix) in weights}
+    if getattr(model, "prefix", None) is not None:
+        model.prefix.fold()
+        wanted = {"prompt_embeddings": "prefix.embedding.weight"}
+        params = dict(model.named_parameters())
+    ours = {id(t) for t in method.trainable(model)}
+    missing = [n for n, p in params.items() if id(p) in ours and n not in wanted.values()]
+    if missing:
+        raise PeftlabError(f"'{path / WEIGHTS}' lacks {len(missing)} tensors of this adapter (e.g. {missing[0]}); "
+                           "the file is incomplete or from another base model")
+    theirs = set(weights) - set(wanted)
+    if theirs:
+        raise PeftlabError(f"'{path / WEIGHTS}' has {len(theirs)} tensors this model has no place for "
+                           f"(e.g. {sorted(theirs)[0]}); was it trained on another base model?")
+    with torch.no_grad():
+        for key, name in wanted.items():
+            if params[name].shape != weights[key].shape:
+                raise PeftlabError(f"'{key}' has shape {tuple(weights[key].shape)}, the model expects "
+                                   f"{tuple(params[name].shape)}; was it trained on another base model?")
+            params[name].copy_(weights[key])
+    if (path / HEAD).is_file():
+        model.head.load_state_dict({k.removeprefix("head."): v for k, v in load_weights(path / HEAD).items()})
+    return method

@@ -1,0 +1,66 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from peftlab.cli import main
+from peftlab.run import RunConfig, load_run, train_run
+from peftlab.train import TrainArgs
+
+
+def tiny_run(task, out, method, **kw):
+    cfg = RunConfig(model="tiny-llama", task=task, method=method, train_limit=64, eval_limit=16, out=str(out),
+                    train=TrainArgs(epochs=1, batch_size=16), **kw)
+    train_run(cfg, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "last-1", "lora+last-1"])
+def test_merge_writes_a_plain_transformers_model(method, toy_task, tmp_path):
+    run = tiny_run(toy_task, tmp_path / "run", method)
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    _, p = load_run(run)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(10, 1000, (2, 7))
+    with torch.no_grad():
+        ours = p.model.body(input_ids=ids).last_hidden_state
+        theirs = plain.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert (tmp_path / "merged" / "head.safetensors").is_file()
+
+
+def test_merge_refuses_changes_that_do_not_fold(toy_task, tmp_path, capsys):
+    run = tiny_run(toy_task, tmp_path / "run", "prompt")
+    assert main(["merge", str(run), "--out", str(tmp_path / "m")]) == 2
+    assert "do not fold into the base weights (prompt)" in capsys.readouterr().err
+
+
+def test_export_gives_a_peft_adapter(toy_task, tmp_path):
+    from peft import PeftModel
+
+    from peftlab.models import load_backbone
+
+    run = tiny_run(toy_task, tmp_path / "run", "lora")
+    assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    ref = PeftModel.from_pretrained(load_backbone("tiny-llama").model, str(tmp_path / "adapter")).eval()
+    _, p = load_run(run)
+    ids = torch.randint(10, 1000, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(ref.base_model.model.model(input_ids=ids).last_hidden_state,
+                                   p.model.body(input_ids=ids).last_hidden_state, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("lora+lora", "names a part twice"), ("full+lora", "mixes 'full' with others"),
+    ("prompt+nope", "unknown method 'nope'"),
+])
+def test_bad_mixes(spec, message, toy_task, tmp_path, capsys):
+    assert main(["train", "--model", "tiny-llama", "--task", toy_task, "--method", spec,
+                 "--out", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_mam_mix_trains_prefix_and_parallel_adapter(toy_task, tmp_path):
+    r = train_run(RunConfig(model="tiny-llama", task=toy_task, method="mam", train_limit=64, eval_limit=16,
+                            out=str(tmp_path / "r"), train=TrainArgs(epochs=1)), progress=False)
+    # prefix: 20 tokens x 2 layers x (k, v) x 32; adapter: 2 blocks x 580; head 130
+    assert r["trainable_params"] == 20 * 2 * 2 * 32 + 2 * 580 + 130
