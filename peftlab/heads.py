@@ -54,7 +54,7 @@ class Classifier(nn.Module):
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled (B, H) features of the body."""
-        kw, pool_mask = body_inputs(self, input_ids, attention_mask)
+        kw, _, pool_mask = body_inputs(self, input_ids, attention_mask)
         return pool(self.body(**kw).last_hidden_state, pool_mask, self.pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

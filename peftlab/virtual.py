@@ -17,37 +17,37 @@ from transformers import DynamicCache
 
 
 def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                past=None) -> tuple[dict, torch.Tensor]:
-    """Arguments for `model.arch.body` and the mask of the real-token outputs to pool over.
+                past=None, use_cache: bool = False) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Arguments for `model.arch.body`, the full attention mask, and the mask to pool over.
 
     `model` carries `arch` and optional `prompt` / `prefix` modules (None when absent).
-    `past` is a cache of earlier decoding steps; when given, no virtual tokens are added again.
+    Without `past`, virtual tokens are added and `attention_mask` covers the real tokens only.
+    With `past` (a cache from earlier decoding steps, virtual tokens already inside),
+    `attention_mask` is the running mask over everything cached plus the new tokens.
+    The returned full mask is what the next decoding step extends.
     """
     arch, prompt, prefix = model.arch, getattr(model, "prompt", None), getattr(model, "prefix", None)
-    kw: dict = {"use_cache": past is not None}
-    mask = attention_mask
-    if past is None and (prompt is not None or prefix is not None):
+    kw: dict = {"use_cache": use_cache}
+    mask, pool_mask, n_new = attention_mask, attention_mask, input_ids.shape[1]
+    if past is not None:
+        kw["past_key_values"] = past
+    elif prompt is not None or prefix is not None:
         B = input_ids.shape[0]
         n_prompt = prompt.n if prompt is not None else 0
         n_prefix = prefix.n if prefix is not None else 0
-        ones = attention_mask.new_ones(B, n_prefix + n_prompt)
-        mask = torch.cat([ones, attention_mask], 1)
+        mask = torch.cat([attention_mask.new_ones(B, n_prefix + n_prompt), attention_mask], 1)
+        pool_mask = torch.cat([attention_mask.new_zeros(B, n_prompt), attention_mask], 1)
+        n_new += n_prompt
         if prompt is not None:
             kw["inputs_embeds"] = torch.cat([prompt(B), arch.embeddings(input_ids)], 1)
         if prefix is not None:
-            kw["past_key_values"] = prefix.cache(B, model.arch.body.config)
-        pool_mask = torch.cat([attention_mask.new_zeros(B, n_prompt), attention_mask], 1)
-    else:
-        pool_mask = attention_mask
-        if past is not None:
-            kw["past_key_values"] = past
+            kw["past_key_values"] = prefix.cache(B, arch.body.config)
     if "inputs_embeds" not in kw:
         kw["input_ids"] = input_ids
     kw["attention_mask"] = mask
     if arch.causal:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        kw["position_ids"] = positions[:, -pool_mask.shape[1]:]
-    return kw, pool_mask
+        kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
+    return kw, mask, pool_mask[:, -n_new:]
 
 
 def prefill(cache_kv: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:

@@ -29,7 +29,7 @@ def build(name, spec, kw):
 
 
 def lm_logits(m, ids):
-    kw, _ = body_inputs(m, ids, torch.ones_like(ids))
+    kw, _, _ = body_inputs(m, ids, torch.ones_like(ids))
     return m.arch.lm_head(m.body(**kw).last_hidden_state[:, -ids.shape[1]:])
 
 

@@ -108,7 +108,7 @@ def test_same_logits_as_hf_peft(name, spec):
     with torch.no_grad():
         from peftlab.virtual import body_inputs
 
-        kw, pool_mask = body_inputs(m, ids, mask)
+        kw, _, _ = body_inputs(m, ids, mask)
         hidden = m.body(**kw).last_hidden_state[:, -ids.shape[1]:]
         logits = b.arch.lm_head(hidden)
         theirs = ref(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:]

@@ -1,0 +1,96 @@
+"""peftlab's own decoding loop: greedy or sampled, batched with left padding, KV cache.
+
+    next_logits  one forward step -> (B, V) logits of the last position, and the cache
+    pick         logits -> next token ids (repetition penalty, temperature, top-k, top-p)
+    generate     the loop: stop on EOS / stop ids, max_new_tokens, seeded sampling
+
+Works with every method: virtual tokens (soft prompts, prefixes) go into the first step and
+stay in the cache; positions and masks come from `virtual.body_inputs`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftlab.virtual import body_inputs
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # keep the smallest set whose probability reaches p (1: all)
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (CTRL-style)
+
+
+def next_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, past=None, use_cache: bool = True):
+    """(B, V) logits for the next token, the cache (or None) and the full mask used."""
+    kw, full_mask, _ = body_inputs(model, ids, mask, past=past, use_cache=use_cache)
+    out = model.arch.body(**kw)
+    logits = model.arch.lm_head(out.last_hidden_state[:, -1])
+    return logits.float(), (out.past_key_values if use_cache else None), full_mask
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def pick(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits, (B, T) tokens so far -> (B,) next tokens."""
+    if s.repetition_penalty != 1.0:
+        prev = logits.gather(-1, seen)
+        logits = logits.scatter(-1, seen, torch.where(prev > 0, prev / s.repetition_penalty,
+                                                     prev * s.repetition_penalty))
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / s.temperature, s.top_k, s.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+             sampling: Sampling | None = None, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
+             use_cache: bool = True, seed: int | None = None) -> torch.Tensor:
+    """Left-padded (B, T) prompts -> (B, max_new_tokens) new tokens, pad after a row stops.
+
+    A row stops at the first token in `stop_ids` (kept in the output); all rows stop when
+    every row has. `use_cache=False` recomputes every step from scratch (the reference).
+    """
+    s = sampling or Sampling()
+    gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+    B = input_ids.shape[0]
+    seq, mask = input_ids, attention_mask
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
+    past, full_mask, step_ids = None, None, input_ids
+    for t in range(max_new_tokens):
+        if use_cache:
+            logits, past, full_mask = next_logits(model, step_ids, mask if past is None else full_mask, past)
+        else:
+            logits, _, _ = next_logits(model, seq, mask, use_cache=False)
+        token = pick(logits, seq, s, gen)
+        out[:, t] = torch.where(done, torch.full_like(token, pad_id), token)
+        done |= torch.isin(token, stops)
+        if done.all():
+            return out[:, :t + 1]
+        step_ids = token[:, None]
+        seq = torch.cat([seq, step_ids], 1)
+        new = mask.new_ones(B, 1)  # finished rows run on; their outputs are discarded
+        mask = torch.cat([mask, new], 1)
+        if use_cache:
+            full_mask = torch.cat([full_mask, new], 1)
+    return out

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from peftlab.decode import Sampling, filter_logits, generate
+from peftlab.heads import Classifier
+from peftlab.methods import MethodArgs, parse_method
+from peftlab.models import load_backbone
+
+PROMPTS = ["The cat sat on the", "Hello"]
+
+
+def lm(name: str, spec: str | None = None):
+    b = load_backbone(name)
+    torch.manual_seed(0)
+    m = Classifier(b.arch, 2, tokenizer=b.tokenizer).eval()  # the head is unused when generating
+    if spec:
+        parse_method(spec, MethodArgs(virtual_tokens=3)).apply(m)
+        with torch.no_grad():  # trained-looking virtual tokens, not their init
+            for n, p in m.named_parameters():
+                if n.startswith(("prompt.", "prefix.")):
+                    p.copy_(torch.randn_like(p))
+    return b, m
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda out: torch.isfinite(out[0]).nonzero().view(-1).tolist()
+    assert kept(filter_logits(logits, top_k=2)) == [0, 1]
+    assert kept(filter_logits(logits, top_p=0.5)) == [0]  # 0.5 alone reaches 0.5
+    assert kept(filter_logits(logits, top_p=0.7)) == [0, 1]
+    assert kept(filter_logits(logits, top_p=0.71)) == [0, 1, 2]
+    assert kept(filter_logits(logits, top_k=2, top_p=0.9)) == [0, 1]
+    shuffled = logits[:, [3, 0, 4, 2, 1]]  # order of the vocabulary does not matter
+    assert kept(filter_logits(shuffled, top_p=0.7)) == [1, 4]
+
+
+def test_temperature_sharpens_and_seeded_sampling_repeats():
+    b, m = lm("tiny-llama")
+    batch = b.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    s = Sampling(temperature=1.0, top_p=0.9)
+    run = lambda seed: generate(m, batch["input_ids"], batch["attention_mask"], 8, s, seed=seed)
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("spec", [None, "prompt", "prefix", "lora"])
+def test_cached_decoding_equals_uncached(name, spec):
+    b, m = lm(name, spec)
+    batch = b.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    args = (m, batch["input_ids"], batch["attention_mask"], 12)
+    assert torch.equal(generate(*args, use_cache=True), generate(*args, use_cache=False))
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_greedy_equals_transformers_generate(name):
+    b, m = lm(name)
+    tok = b.tokenizer
+    for texts in (PROMPTS[:1], PROMPTS * 4):  # batch 1, and a left-padded batch of 8
+        batch = tok(texts, padding=True, return_tensors="pt")
+        ours = generate(m, batch["input_ids"], batch["attention_mask"], 10, pad_id=tok.pad_token_id)
+        theirs = b.model.generate(**batch, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=None)[:, batch["input_ids"].shape[1]:]
+        assert torch.equal(ours, theirs)
+
+
+def test_rows_stop_at_stop_ids():
+    b, m = lm("tiny-llama")
+    batch = b.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    free = generate(m, batch["input_ids"], batch["attention_mask"], 6)
+    stop = int(free[0, 2])
+    out = generate(m, batch["input_ids"], batch["attention_mask"], 6, stop_ids=(stop,), pad_id=-1)
+    first = (free[0] == stop).nonzero()[0].item()
+    assert out[0, first] == stop and (out[0, first + 1:] == -1).all()
