@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/peftlab compare --model smollm2-135m --task sms_spam \
-		--methods head,last-block+norm,full --train-limit 400 --eval-limit 500 --epochs 2 \
+		--methods head,last-block+norm,full --train-limit 400 --eval-limit 300 --epochs 2 \
 		--out runs/demo
 
 test: $(STAMP)

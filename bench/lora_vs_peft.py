@@ -1,6 +1,6 @@
 """peftlab LoRA against HF PEFT LoRA on the same model, data, batches and hyperparameters.
 
-    python -m bench.lora_vs_peft [--model smollm2-135m] [--task sst2] [--train-limit 1000] [--epochs 2]
+    python -m bench.lora_vs_peft [--model smollm2-135m] [--task sst2] [--train-limit 1000] [--epochs 2] [--seeds 0,1,2]
 
 Both sides: LoRA r=8, alpha=16 on q_proj and v_proj, a fresh 2-way head, AdamW (LoRA at --lr,
 head at --head-lr, as peftlab's default groups), linear decay with 10% warmup, the same seeded
@@ -25,7 +25,7 @@ from peftlab.run import RunConfig, prepare
 from peftlab.train import TrainArgs, lr_lambda
 
 
-def run_loop(model, forward, train, test, args, pad, groups) -> dict:
+def run_loop(model, forward, train, test, args, pad, groups, seed) -> dict:
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     steps = math.ceil(len(train) / args.batch_size) * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("linear", int(0.1 * steps), steps))
@@ -33,7 +33,7 @@ def run_loop(model, forward, train, test, args, pad, groups) -> dict:
     for epoch in range(args.epochs):
         model.train()
         t0 = time.perf_counter()
-        for idx in batch_indices(train.lengths, args.batch_size, shuffle=True, seed=epoch):
+        for idx in batch_indices(train.lengths, args.batch_size, shuffle=True, seed=seed + epoch):
             b = collate(train, idx, pad, "left")
             loss = F.cross_entropy(forward(b), b["labels"])
             loss.backward()
@@ -59,11 +59,33 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--head-lr", type=float, default=1e-2)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (data subset, order, inits)")
     args = ap.parse_args()
-    torch.manual_seed(0)
+    results = {"peftlab": [], "HF PEFT": []}
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        ours, theirs = one_seed(args, seed)
+        results["peftlab"].append(ours)
+        results["HF PEFT"].append(theirs)
+        print(f"seed {seed}: peftlab {100 * ours['test']['accuracy']:.2f}  HF PEFT {100 * theirs['test']['accuracy']:.2f}",
+              flush=True)
+    print(f"{args.model} {args.task}: {args.train_limit} train rows, {args.epochs} epochs, seeds {args.seeds}")
+    for name, rs in results.items():
+        acc = np.array([100 * r["test"]["accuracy"] for r in rs])
+        print(f"  {name:8s} test acc {acc.mean():.2f} +/- {acc.std(ddof=1) if len(acc) > 1 else 0:.2f}  "
+              f"s/epoch {np.mean([np.mean(r['epoch_s']) for r in rs]):.1f}  "
+              f"memory rise {np.mean([r['peak_mb'] for r in rs]):.0f} MiB")
+    gap = np.mean([r["test"]["accuracy"] for r in results["peftlab"]]) - np.mean(
+        [r["test"]["accuracy"] for r in results["HF PEFT"]])
+    ratio = np.mean([np.mean(r["epoch_s"]) for r in results["peftlab"]]) / np.mean(
+        [np.mean(r["epoch_s"]) for r in results["HF PEFT"]])
+    print(f"  accuracy gap {100 * gap:+.2f} points; time ratio peftlab/reference {ratio:.2f}")
+    print(f"  {versions()} {machine()}")
 
+
+def one_seed(args, seed: int) -> tuple[dict, dict]:
+    torch.manual_seed(seed)
     # --- peftlab
-    cfg = RunConfig(model=args.model, task=args.task, method="lora", train_limit=args.train_limit,
+    cfg = RunConfig(model=args.model, task=args.task, method="lora", train_limit=args.train_limit, seed=seed,
                     train=TrainArgs(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr))
     cfg.method_args.lora_targets = "q_proj,v_proj"
     p = prepare(cfg)
@@ -73,14 +95,15 @@ def main() -> None:
     body = [t for n, t in p.model.named_parameters() if t.requires_grad and not n.startswith("head.")]
     with PeakMemory() as mem_ours:
         ours = run_loop(p.model, lambda b: p.model(b["input_ids"], b["attention_mask"]), train, test, args, pad,
-                        [{"params": body, "lr": args.lr}, {"params": head, "lr": args.head_lr}])
+                        [{"params": body, "lr": args.lr}, {"params": head, "lr": args.head_lr}], seed)
     ours["peak_mb"] = mem_ours.rise_mb
+    del p
 
     # --- HF PEFT
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     hf = AutoModelForSequenceClassification.from_pretrained(peftlab_home() / "models" / args.model, num_labels=2,
                                                             dtype=torch.float32)
     hf.config.pad_token_id = pad
@@ -91,16 +114,9 @@ def main() -> None:
     with PeakMemory() as mem_ref:
         theirs = run_loop(ref, lambda b: ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                           train, test, args, pad,
-                          [{"params": ref_body, "lr": args.lr}, {"params": ref_head, "lr": args.head_lr}])
+                          [{"params": ref_body, "lr": args.lr}, {"params": ref_head, "lr": args.head_lr}], seed)
     theirs["peak_mb"] = mem_ref.rise_mb
-
-    print(f"{args.model} {args.task}: {len(train)} train rows, {len(test)} test rows, {args.epochs} epochs")
-    for name, r in (("peftlab", ours), ("HF PEFT", theirs)):
-        print(f"  {name:8s} test acc {100 * r['test']['accuracy']:.2f}  macro-F1 {100 * r['test']['macro_f1']:.2f}  "
-              f"s/epoch {np.mean(r['epoch_s']):.1f}  memory rise {r['peak_mb']:.0f} MiB")
-    print(f"  accuracy gap {100 * (ours['test']['accuracy'] - theirs['test']['accuracy']):+.2f} points; "
-          f"time ratio peftlab/reference {np.mean(ours['epoch_s']) / np.mean(theirs['epoch_s']):.2f}")
-    print(f"  {versions()} {machine()}")
+    return ours, theirs
 
 
 if __name__ == "__main__":

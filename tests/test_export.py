@@ -64,3 +64,23 @@ def test_mam_mix_trains_prefix_and_parallel_adapter(toy_task, tmp_path):
                             out=str(tmp_path / "r"), train=TrainArgs(epochs=1)), progress=False)
     # prefix: 20 tokens x 2 layers x (k, v) x 32; adapter: 2 blocks x 580; head 130
     assert r["trainable_params"] == 20 * 2 * 2 * 32 + 2 * 580 + 130
+
+
+def test_yaml_mix_with_per_part_settings(tmp_path):
+    from peftlab.errors import PeftlabError
+    from peftlab.heads import Classifier
+    from peftlab.methods import parse_method, trainable_names
+    from peftlab.models import load_backbone
+
+    spec = tmp_path / "mix.yaml"
+    spec.write_text("method:\n  - lora: {lora_r: 2, lora_targets: q_proj}\n  - adapter: {adapter_reduction: 8}\n")
+    m = Classifier(load_backbone("tiny-llama").arch, 2)
+    method = parse_method(str(spec))
+    method.apply(m)
+    params = dict(m.named_parameters())
+    # LoRA r=2 on q_proj (64 -> 64) and a parallel FFN adapter of width 8, in both blocks
+    want = 2 * (2 * (64 + 64)) + 2 * ((64 * 8 + 8) + (8 * 64 + 64)) + 130
+    assert sum(params[n].numel() for n in trainable_names(m, method)) == want
+    spec.write_text("method:\n  - lora: {rank: 2}\n")
+    with pytest.raises(PeftlabError, match=r"unknown setting\(s\) \['rank'\] for 'lora'"):
+        parse_method(str(spec))

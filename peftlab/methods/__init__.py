@@ -7,13 +7,22 @@ Shared code (training, counting, saving) only calls these hooks; it never asks w
 it holds. Adding a method means adding a module here and one entry to `PARSERS`.
 
 A spec may join several methods with '+' ("lora+last-1", "prefix+adapter"); `mam` is He et
-al.'s mix-and-match adapter, prefix tuning plus a parallel FFN adapter.
+al.'s mix-and-match adapter, prefix tuning plus a parallel FFN adapter. A spec may also be a
+YAML file listing the parts, each with its own settings (MethodArgs field names):
+
+    method:
+      - lora: {lora_r: 4, lora_targets: "q_proj,v_proj"}
+      - adapter: {adapter: parallel, adapter_reduction: 8}
 """
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
+
+import yaml
 
 from torch import nn
 
@@ -106,6 +115,8 @@ def _parse_one(spec: str, args: MethodArgs) -> Method:
 def parse_method(spec: str, args: MethodArgs | None = None) -> Method:
     """Turn a method spec such as 'last-2', 'last-block+norm', 'lora+head' or 'mam' into a method."""
     spec, args = spec.strip(), args or MethodArgs()
+    if spec.endswith((".yaml", ".yml")):
+        return _parse_yaml(Path(spec), args)
     if spec == "mam":
         return Mix([PrefixTuning(args.virtual_tokens, args.prefix_projection),
                     Adapters("parallel", args.adapter_reduction, args.adapter_scaling, "ffn")], "mam")
@@ -117,6 +128,33 @@ def parse_method(spec: str, args: MethodArgs | None = None) -> Method:
     if "full" in names:
         raise PeftlabError(f"method '{spec}' mixes 'full' with others; full already trains every weight")
     return Mix([_parse_one(n, args) for n in names], spec)
+
+
+def _parse_yaml(path: Path, args: MethodArgs) -> Method:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise PeftlabError(f"method file '{path}' does not exist") from e
+    except yaml.YAMLError as e:
+        raise PeftlabError(f"method file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+    items = doc.get("method") if isinstance(doc, dict) else None
+    if not isinstance(items, list) or not items:
+        raise PeftlabError(f"method file '{path}' needs a 'method:' list, e.g. [{{lora: {{lora_r: 8}}}}]")
+    known = {f.name for f in dataclasses.fields(MethodArgs)}
+    parts, names = [], []
+    for item in items:
+        name, opts = next(iter(item.items())) if isinstance(item, dict) and len(item) == 1 else (item, {})
+        if not isinstance(name, str) or not isinstance(opts or {}, dict):
+            raise PeftlabError(f"method file '{path}': each entry is a name or {{name: {{settings}}}}, got {item!r}")
+        bad = sorted(set(opts or {}) - known)
+        if bad:
+            raise PeftlabError(f"method file '{path}': unknown setting(s) {bad} for '{name}'; "
+                               f"valid: {', '.join(sorted(known))}")
+        names.append(name)
+        parts.append(parse_method(name, dataclasses.replace(args, **(opts or {}))))
+    if len(set(names)) < len(names) or ("full" in names and len(names) > 1):
+        raise PeftlabError(f"method file '{path}' lists a part twice or mixes 'full' with others")
+    return parts[0] if len(parts) == 1 else Mix(parts, "+".join(names))
 
 
 def trainable_names(model: nn.Module, method: Method, *, train_head: bool = True) -> list[str]:
