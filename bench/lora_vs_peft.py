@@ -97,7 +97,6 @@ def one_seed(args, seed: int) -> tuple[dict, dict]:
         ours = run_loop(p.model, lambda b: p.model(b["input_ids"], b["attention_mask"]), train, test, args, pad,
                         [{"params": body, "lr": args.lr}, {"params": head, "lr": args.head_lr}], seed)
     ours["peak_mb"] = mem_ours.rise_mb
-    del p
 
     # --- HF PEFT
     from peft import LoraConfig, get_peft_model

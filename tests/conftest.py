@@ -39,3 +39,53 @@ def toy_task(tmp_path):
     for split, n in (("train", 400), ("validation", 100), ("test", 200)):
         write_jsonl(tmp_path / "toy" / f"{split}.jsonl", rows(n))
     return str(tmp_path / "toy")
+
+
+def adapted(name: str, spec: str | None = None, **kw):
+    """A tiny backbone (by name), a 2-way Classifier on it seeded at 0, and the method applied."""
+    import torch
+
+    from peftlab.heads import Classifier
+    from peftlab.methods import MethodArgs, parse_method, set_trainable, trainable_names
+    from peftlab.models import load_backbone
+
+    b = load_backbone(name)
+    torch.manual_seed(0)
+    m = Classifier(b.arch, 2, tokenizer=b.tokenizer).eval()
+    method = None
+    if spec:
+        method = parse_method(spec, MethodArgs(**kw))
+        method.apply(m)
+        set_trainable(m, trainable_names(m, method))
+    return b, m, method
+
+
+def fit(m, ids, y, steps: int, lr: float) -> list[float]:
+    """Full-batch AdamW steps on (ids, y); the losses."""
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(m(ids, torch.ones_like(ids)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_rows_pool_as_alone(tokenizer, m) -> None:
+    """Each row of a padded batch gives the logits it gives alone."""
+    import torch
+
+    texts = ["a much longer sentence than the other one", "short"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()
+    with torch.no_grad():
+        together = m(batch["input_ids"], batch["attention_mask"])
+        for i, t in enumerate(texts):
+            alone = tokenizer([t], return_tensors="pt")
+            torch.testing.assert_close(together[i], m(alone["input_ids"], alone["attention_mask"])[0],
+                                       atol=1e-5, rtol=1e-5)

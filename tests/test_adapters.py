@@ -1,28 +1,21 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from peftlab.checkpoint import save_json, save_weights
 from peftlab.errors import PeftlabError
 from peftlab.heads import Classifier
-from peftlab.methods import MethodArgs, merge, parse_method, set_trainable, trainable_names, unmerge
+from peftlab.methods import MethodArgs, merge, parse_method, trainable_names, unmerge
 from peftlab.methods.ia3 import IA3Layer
 from peftlab.models import load_backbone
 from peftlab.run import CONFIG, WEIGHTS, RunConfig, load_run, prepare
 from peftlab.train import predict
+from tests.conftest import adapted, fit
 
 HEAD = 64 * 2 + 2
 
 
-def setup(name: str, spec: str, **kw):
-    b = load_backbone(name)
-    torch.manual_seed(0)
-    m = Classifier(b.arch, 2, tokenizer=b.tokenizer).eval()
-    method = parse_method(spec, MethodArgs(**kw))
-    method.apply(m)
-    set_trainable(m, trainable_names(m, method))
-    return b, m, method
+setup = adapted
 
 
 def count(m, method) -> int:
@@ -69,15 +62,7 @@ def test_starts_equal_to_base_trains_only_its_params(name, spec, kw):
     m.train()
     names = set(trainable_names(m, method))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-2)
-    y = torch.tensor([0, 1, 1, 0])
-    losses = []
-    for _ in range(40):
-        loss = F.cross_entropy(m(ids, mask), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(m, ids, torch.tensor([0, 1, 1, 0]), steps=40, lr=2e-2)
     assert {n for n, p in m.named_parameters() if not torch.equal(p, before[n])} == names
     assert losses[-1] < 0.5 * losses[0]
 

@@ -3,6 +3,7 @@ import torch
 
 from peftlab.heads import Classifier, pool
 from peftlab.models import load_backbone
+from tests.conftest import assert_rows_pool_as_alone
 
 
 def test_pool_picks_the_right_positions():
@@ -21,13 +22,4 @@ def test_pool_picks_the_right_positions():
 def test_padded_rows_pool_the_same_as_alone(name, pooling):
     b = load_backbone(name)
     torch.manual_seed(0)
-    m = Classifier(b.arch, 3, pooling).eval()
-    texts = ["a much longer sentence than the other one", "short"]
-    batch = b.tokenizer(texts, padding=True, return_tensors="pt")
-    assert (batch["attention_mask"] == 0).any()
-    with torch.no_grad():
-        together = m(batch["input_ids"], batch["attention_mask"])
-        for i, t in enumerate(texts):
-            alone = b.tokenizer([t], return_tensors="pt")
-            torch.testing.assert_close(together[i], m(alone["input_ids"], alone["attention_mask"])[0],
-                                       atol=1e-5, rtol=1e-5)
+    assert_rows_pool_as_alone(b.tokenizer, Classifier(b.arch, 3, pooling).eval())

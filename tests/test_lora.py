@@ -6,8 +6,7 @@ import torch.nn.functional as F
 
 from peftlab.errors import PeftlabError
 from peftlab.heads import Classifier
-from peftlab.methods import MethodArgs, parse_method, set_trainable, trainable_names
-from peftlab.methods import merge, unmerge
+from peftlab.methods import MethodArgs, merge, parse_method, set_trainable, trainable_names, unmerge
 from peftlab.methods.lora import Lora, delete_adapter, disabled, lora_layers, per_row, set_active
 from peftlab.models import load_backbone
 

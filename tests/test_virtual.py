@@ -2,22 +2,12 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from peftlab.errors import PeftlabError
-from peftlab.heads import Classifier
-from peftlab.methods import MethodArgs, parse_method, set_trainable, trainable_names
-from peftlab.models import load_backbone
+from peftlab.methods import MethodArgs, parse_method, trainable_names
+from tests.conftest import adapted, assert_rows_pool_as_alone, fit
 
-
-def setup(name: str, spec: str, **kw):
-    b = load_backbone(name)
-    torch.manual_seed(0)
-    m = Classifier(b.arch, 2, tokenizer=b.tokenizer).eval()
-    method = parse_method(spec, MethodArgs(**kw))
-    method.apply(m)
-    set_trainable(m, trainable_names(m, method))
-    return b, m, method
+setup = adapted
 
 
 @pytest.mark.parametrize("name,spec,kw,count", [
@@ -37,14 +27,7 @@ def test_trainable_counts(name, spec, kw, count):
 @pytest.mark.parametrize("spec", ["prompt", "prefix"])
 def test_padded_rows_equal_rows_alone(name, spec):
     b, m, _ = setup(name, spec, virtual_tokens=4)
-    texts = ["a much longer sentence than the other one", "short"]
-    batch = b.tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        together = m(batch["input_ids"], batch["attention_mask"])
-        for i, t in enumerate(texts):
-            alone = b.tokenizer([t], return_tensors="pt")
-            torch.testing.assert_close(together[i], m(alone["input_ids"], alone["attention_mask"])[0],
-                                       atol=1e-5, rtol=1e-5)
+    assert_rows_pool_as_alone(b.tokenizer, m)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-bert"])
@@ -54,16 +37,7 @@ def test_only_virtual_tokens_and_head_train(name, spec):
     m.train()
     names = set(trainable_names(m, method))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-2)
-    ids = torch.randint(10, 1000, (4, 6))
-    y = torch.tensor([0, 1, 1, 0])
-    losses = []
-    for _ in range(25):
-        loss = F.cross_entropy(m(ids, torch.ones_like(ids)), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(m, torch.randint(10, 1000, (4, 6)), torch.tensor([0, 1, 1, 0]), steps=25, lr=3e-2)
     assert {n for n, p in m.named_parameters() if not torch.equal(p, before[n])} == names
     assert losses[-1] < 0.5 * losses[0]
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Protocol
 
 import yaml
-
 from torch import nn
 
 from peftlab.errors import PeftlabError
