@@ -87,3 +87,15 @@ def test_same_logits_as_hf_peft(name, spec):
         logits = b.arch.lm_head(hidden)
         theirs = ref(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:]
     torch.testing.assert_close(logits, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_prefix_starts_from_the_models_own_keys_and_values(name):
+    b, m, _ = setup(name, "prefix", virtual_tokens=3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, b.arch.embeddings.num_embeddings, (1, 3), generator=g)
+    with torch.no_grad():
+        cache = b.arch.body(input_ids=ids, use_cache=True).past_key_values
+    for i, (k, v) in enumerate(m.prefix.key_values(1)):
+        torch.testing.assert_close(k, cache.layers[i].keys)
+        torch.testing.assert_close(v, cache.layers[i].values)

@@ -48,6 +48,8 @@ class MethodArgs:
     prompt_init: str = field(default="vocab", metadata={"help": "soft-prompt init: text, vocab or random"})
     prompt_text: str | None = field(default=None, metadata={"help": "init text for --prompt-init text"})
     prefix_projection: int = field(default=0, metadata={"help": "prefix MLP width (0: a plain table)"})
+    prefix_init: str = field(default="tokens", metadata={
+        "help": "prefix init: tokens (the model's keys/values of random tokens) or random (N(0,1), as HF PEFT)"})
     adapter: str = field(default="parallel", metadata={"help": f"bottleneck placement: {', '.join(PLACEMENTS)}"})
     adapter_reduction: int = field(default=16, metadata={"help": "hidden size / bottleneck width"})
     adapter_scaling: float = field(default=1.0, metadata={"help": "scale of the adapter's output"})
@@ -72,7 +74,7 @@ PARSERS: list[tuple[str, Callable[[str, MethodArgs], Method], str]] = [
     *((p, lambda spec, a: parse_selective(spec), shown) for p, shown in SELECTIVE_SPECS),
     ("lora", _lora, "lora"),
     ("prompt", lambda spec, a: PromptTuning(a.virtual_tokens, a.prompt_init, a.prompt_text), "prompt"),
-    ("prefix", lambda spec, a: PrefixTuning(a.virtual_tokens, a.prefix_projection), "prefix"),
+    ("prefix", lambda spec, a: PrefixTuning(a.virtual_tokens, a.prefix_projection, a.prefix_init), "prefix"),
     ("adapter", lambda spec, a: Adapters(a.adapter, a.adapter_reduction, a.adapter_scaling, a.adapter_at), "adapter"),
     ("ia3", lambda spec, a: IA3(), "ia3"),
 ]
@@ -117,7 +119,7 @@ def parse_method(spec: str, args: MethodArgs | None = None) -> Method:
     if spec.endswith((".yaml", ".yml")):
         return _parse_yaml(Path(spec), args)
     if spec == "mam":
-        return Mix([PrefixTuning(args.virtual_tokens, args.prefix_projection),
+        return Mix([PrefixTuning(args.virtual_tokens, args.prefix_projection, args.prefix_init),
                     Adapters("parallel", args.adapter_reduction, args.adapter_scaling, "ffn")], "mam")
     names = [s.strip() for s in re.split(r"\+(?!norm\b)", spec)]  # last-block+norm is one name
     if len(names) == 1:

@@ -66,11 +66,28 @@ def kv_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv, head_dim
 
 
+@torch.no_grad()
+def real_token_key_values(model: nn.Module, n: int, seed: int = 0) -> torch.Tensor:
+    """The frozen model's own keys and values for n random vocabulary tokens, as a prefix table.
+
+    A prefix that starts as keys/values the layers actually produce leaves attention in its
+    trained regime; N(0, 1) noise (PEFT's default) swamped SmolLM2's real keys (docs/benchmarks.md).
+    """
+    arch = model.arch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, arch.embeddings.num_embeddings, (1, n), generator=g)
+    cache = arch.body(input_ids=ids, use_cache=True).past_key_values
+    layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(len(arch.blocks))]
+    kv = torch.stack([t[0] for pair in layers for t in pair])  # (2L, kv_heads, n, head_dim)
+    return kv.permute(2, 0, 1, 3).reshape(n, -1)  # PEFT's (n, L * 2 * kv_heads * head_dim) layout
+
+
 @dataclass
 class PrefixTuning:
     n: int = 20
     projection: int = 0
-    default_lr: float = 1e-2
+    init: str = "tokens"  # tokens: real keys/values of random tokens; random: N(0, 1) as HF PEFT
+    default_lr: float = 3e-3
     name: str = "prefix"
 
     def __post_init__(self) -> None:
@@ -78,12 +95,17 @@ class PrefixTuning:
             raise PeftlabError(f"--virtual-tokens must be at least 1, got {self.n}")
         if self.projection < 0:
             raise PeftlabError(f"--prefix-projection must be >= 0 (0: no MLP), got {self.projection}")
+        if self.init not in ("tokens", "random"):
+            raise PeftlabError(f"--prefix-init '{self.init}' is unknown; valid: tokens, random")
 
     def apply(self, model: nn.Module) -> None:
         if getattr(model, "prefix", None) is not None:
             raise PeftlabError("the model already has a prefix; a spec may hold one prefix method")
         layers, kv, d = kv_shape(model.arch.body.config)
         model.prefix = Prefix(self.n, layers, kv, d, self.projection)
+        if self.init == "tokens" and not self.projection and model.arch.causal:
+            with torch.no_grad():
+                model.prefix.embedding.weight.copy_(real_token_key_values(model, self.n))
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return list(model.prefix.parameters())
