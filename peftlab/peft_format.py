@@ -20,7 +20,7 @@ from peftlab.errors import PeftlabError
 from peftlab.methods import Method, Mix
 from peftlab.methods.adapters import Adapters
 from peftlab.methods.ia3 import IA3
-from peftlab.methods.lora import Lora, LoraLayer
+from peftlab.methods.lora import Lora
 from peftlab.methods.prefix import PrefixTuning
 from peftlab.methods.prompt import PromptTuning
 
@@ -29,36 +29,13 @@ CONFIG, WEIGHTS, HEAD = "adapter_config.json", "adapter_model.safetensors", "hea
 
 def peft_config(method: Method, model: nn.Module, base: str) -> dict:
     """The adapter_config.json of a method (one PEFT method per file, as PEFT itself)."""
+    if not hasattr(method, "peft_config"):
+        raise PeftlabError(f"method '{method.name}' is not an adapter; its run directory's "
+                           "trainable.safetensors holds its weights")
     # PEFT applies soft prompts and prefixes only in its task-specific wrappers, so name one
     task = "CAUSAL_LM" if model.arch.causal else "FEATURE_EXTRACTION"
-    cfg = {"base_model_name_or_path": base, "task_type": task, "inference_mode": True, "peft_version": "0.21.2"}
-    fam = model.arch.family
-    if isinstance(method, Lora):
-        layers = [m for m in model.arch.body.modules() if isinstance(m, LoraLayer)]
-        if any(layer.out_rows.get(method.adapter) is not None for layer in layers):
-            raise PeftlabError("LoRA on parts of a fused qkv (c_attn:q,v) has no PEFT equivalent; "
-                               "train with --lora-targets c_attn to export in PEFT layout")
-        hit = sorted({n.rsplit(".", 1)[-1] for n, m in model.arch.body.named_modules() if hasattr(m, "lora_A")})
-        return {**cfg, "peft_type": "LORA", "r": method.r, "lora_alpha": method.alpha, "lora_dropout": method.dropout,
-                "target_modules": hit, "use_rslora": method.rslora, "bias": "none",
-                "fan_in_fan_out": model.arch.model_type == "gpt2", "init_lora_weights": True}
-    if isinstance(method, PromptTuning):
-        return {**cfg, "peft_type": "PROMPT_TUNING", "num_virtual_tokens": method.n, "prompt_tuning_init": "RANDOM",
-                "token_dim": model.arch.hidden_size, "num_transformer_submodules": 1}
-    if isinstance(method, PrefixTuning):
-        p = model.prefix
-        return {**cfg, "peft_type": "PREFIX_TUNING", "num_virtual_tokens": method.n, "prefix_projection": False,
-                "token_dim": p.kv_heads * p.head_dim, "num_attention_heads": p.kv_heads, "num_layers": p.layers,
-                "num_transformer_submodules": 1}
-    if isinstance(method, IA3):
-        ff = fam.ffn_out.rsplit(".", 1)[-1]
-        return {**cfg, "peft_type": "IA3", "target_modules": [*fam.keys_values, ff], "feedforward_modules": [ff],
-                "fan_in_fan_out": model.arch.model_type == "gpt2"}
-    if isinstance(method, Adapters):
-        return {**cfg, "peft_type": "BOTTLENECK", "adapter": method.placement, "reduction": method.reduction,
-                "scaling": method.scaling, "at": method.at}
-    raise PeftlabError(f"method '{method.name}' is not an adapter; its run directory's "
-                       "trainable.safetensors holds its weights")
+    common = {"base_model_name_or_path": base, "task_type": task, "inference_mode": True, "peft_version": "0.21.2"}
+    return {**common, **method.peft_config(model)}
 
 
 def _body_prefix(backbone_model: nn.Module, body: nn.Module) -> str:
@@ -87,8 +64,7 @@ def save_adapter(out: str | Path, method: Method, model: nn.Module, backbone_mod
     prefix = _body_prefix(backbone_model, model.arch.body)
     params = dict(model.named_parameters())
     tensors = {to_peft_key(n, prefix): params[n] for n in trainable if not n.startswith("head.")}
-    if getattr(model, "prefix", None) is not None:
-        tensors["prompt_embeddings"] = model.prefix.table().detach()  # folded: PEFT reads a plain table
+    tensors.update(getattr(parts[0], "peft_tensors", lambda m: {})(model))  # a method's own export form
     tensors.pop(None, None)
     save_weights(out / WEIGHTS, tensors)
     save_weights(out / HEAD, {n: params[n] for n in trainable if n.startswith("head.")})
@@ -124,10 +100,6 @@ def load_adapter(path: str | Path, model: nn.Module, backbone_model: nn.Module) 
     weights = load_weights(path / WEIGHTS)
     params = dict(model.named_parameters())
     wanted = {to_peft_key(n, prefix): n for n in params if to_peft_key(n, prefix) in weights}
-    if getattr(model, "prefix", None) is not None:
-        model.prefix.fold()
-        wanted = {"prompt_embeddings": "prefix.embedding.weight"}
-        params = dict(model.named_parameters())
     ours = {id(t) for t in method.trainable(model)}
     missing = [n for n, p in params.items() if id(p) in ours and n not in wanted.values()]
     if missing:

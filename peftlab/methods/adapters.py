@@ -96,3 +96,8 @@ class Adapters:
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return list(model.adapters.parameters())
+
+    def peft_config(self, model: nn.Module) -> dict:
+        # PEFT has no bottleneck adapters: the same two-file layout, a type of our own
+        return {"peft_type": "BOTTLENECK", "adapter": self.placement, "reduction": self.reduction,
+                "scaling": self.scaling, "at": self.at}

@@ -76,3 +76,10 @@ class IA3:
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for m in model.modules() if isinstance(m, IA3Layer) for p in m.ia3_l.parameters()]
+
+    def peft_config(self, model: nn.Module) -> dict:
+        fam = model.arch.family
+        ff = fam.ffn_out.rsplit(".", 1)[-1]
+        conv = any(m.fan_in_fan_out for m in model.modules() if isinstance(m, IA3Layer))
+        return {"peft_type": "IA3", "target_modules": [*fam.keys_values, ff], "feedforward_modules": [ff],
+                "fan_in_fan_out": conv}

@@ -200,6 +200,18 @@ class Lora:
             raise PeftlabError(f"--lora-targets '{self.targets}' matched no projection of this model; "
                                f"its linear layers are named: {', '.join(names)} (or use all-linear)")
 
+    def peft_config(self, model: nn.Module) -> dict:
+        """This adapter's fields of a HF PEFT adapter_config.json."""
+        layers = {n: m for n, m in model.arch.body.named_modules()
+                  if isinstance(m, LoraLayer) and self.adapter in m.lora_A}
+        if any(m.out_rows[self.adapter] is not None for m in layers.values()):
+            raise PeftlabError("LoRA on parts of a fused qkv (c_attn:q,v) has no PEFT equivalent; "
+                               "train with --lora-targets c_attn to export in PEFT layout")
+        return {"peft_type": "LORA", "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}), "use_rslora": self.rslora,
+                "bias": "none", "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()),
+                "init_lora_weights": True}
+
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for layer in lora_layers(model.arch.body) if self.adapter in layer.lora_A
                 for p in (*layer.lora_A[self.adapter].parameters(), *layer.lora_B[self.adapter].parameters())]

@@ -109,3 +109,12 @@ class PrefixTuning:
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return list(model.prefix.parameters())
+
+    def peft_config(self, model: nn.Module) -> dict:
+        p = model.prefix
+        return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": self.n, "prefix_projection": False,
+                "token_dim": p.kv_heads * p.head_dim, "num_attention_heads": p.kv_heads, "num_layers": p.layers,
+                "num_transformer_submodules": 1}
+
+    def peft_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": model.prefix.table().detach()}  # folded: PEFT reads a plain table

@@ -71,3 +71,7 @@ class PromptTuning:
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return list(model.prompt.parameters())
+
+    def peft_config(self, model: nn.Module) -> dict:
+        return {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": self.n, "prompt_tuning_init": "RANDOM",
+                "token_dim": model.arch.hidden_size, "num_transformer_submodules": 1}
