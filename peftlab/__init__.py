@@ -7,15 +7,18 @@
 
 from peftlab.compare import compare, print_table
 from peftlab.data import TASKS, Task, load_task
+from peftlab.decode import Sampling, generate
 from peftlab.errors import PeftlabError
-from peftlab.heads import Classifier
+from peftlab.generation import GEN_TASKS, GenTask, load_gen_task
+from peftlab.heads import Classifier, LanguageModel
 from peftlab.methods import parse_method, trainable_names
 from peftlab.models import EMBEDDED, Backbone, load_backbone
-from peftlab.run import RunConfig, eval_run, load_run, train_run
+from peftlab.run import RunConfig, eval_run, load_generator, load_run, train_run
 from peftlab.train import TrainArgs
 
 __all__ = [
-    "EMBEDDED", "TASKS", "Backbone", "Classifier", "PeftlabError", "RunConfig", "Task", "TrainArgs",
-    "compare", "eval_run", "load_backbone", "load_run", "load_task", "parse_method", "print_table",
-    "train_run", "trainable_names",
+    "EMBEDDED", "GEN_TASKS", "TASKS", "Backbone", "Classifier", "GenTask", "LanguageModel", "PeftlabError",
+    "RunConfig", "Sampling", "Task", "TrainArgs", "compare", "eval_run", "generate", "load_backbone",
+    "load_gen_task", "load_generator", "load_run", "load_task", "parse_method", "print_table", "train_run",
+    "trainable_names",
 ]

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from peftlab.errors import PeftlabError
+
 # Training batches are sorted by length within windows of this many batches. Small on purpose:
 # where length predicts the label (spam is long, ham short) wide windows (HF uses 50) make
 # batches nearly label-pure, and a head trained on sms_spam then fell to "always ham"; 8 still
@@ -36,19 +38,57 @@ class Encoded:
 
 
 def encode(texts: list[str], labels, tokenizer: PreTrainedTokenizerBase, max_length: int,
-           split: str = "data") -> Encoded:
-    """Tokenize without padding; texts over max_length are cut on the tokenizer's truncation side."""
-    ids = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+           split: str = "data", template: str = "{text}") -> Encoded:
+    """Tokenize without padding, each text framed by `template` (which holds `{text}`).
+
+    Texts over max_length are cut on the tokenizer's truncation side; with a template the text
+    is shortened instead, so the frame (e.g. a trailing "Sentiment:") is always kept whole.
+    """
+    check_template(template)
+    texts = list(texts)
+    ids = tokenizer([fill(template, t) for t in texts], add_special_tokens=True, truncation=False)["input_ids"]
     # an empty text still needs one position to pool from
     filler = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id]
     ids = [x or filler for x in ids]
-    long = sum(len(x) > max_length for x in ids)
+    long = [i for i, x in enumerate(ids) if len(x) > max_length]
     if long:
-        warnings.warn(f"{long} of {len(ids)} {split} texts are longer than {max_length} tokens and were "
-                      f"truncated ({tokenizer.truncation_side} side); raise --max-length to keep them whole")
+        warnings.warn(f"{len(long)} of {len(ids)} {split} texts are longer than {max_length} tokens and were "
+                      f"truncated; raise --max-length to keep them whole")
         keep_end = tokenizer.truncation_side == "left"
-        ids = [x[-max_length:] if keep_end else x[:max_length] for x in ids]
-    return Encoded(ids, np.asarray(labels, dtype=np.int64), truncated=long)
+        for i in long:
+            if template == "{text}":
+                ids[i] = ids[i][-max_length:] if keep_end else ids[i][:max_length]
+            else:
+                ids[i] = fit_template(template, texts[i], tokenizer, max_length, keep_end)
+    return Encoded(ids, np.asarray(labels, dtype=np.int64), truncated=len(long))
+
+
+def check_template(template: str) -> None:
+    if template.count("{text}") != 1:
+        raise PeftlabError(f"template {template!r} must contain '{{text}}' exactly once, e.g. 'Review: {{text}}\\nSentiment:'")
+
+
+def fill(template: str, text: str) -> str:
+    return template.replace("{text}", text)  # not str.format: texts and templates may hold braces
+
+
+def fit_template(template: str, text: str, tokenizer, max_length: int, keep_end: bool,
+                 special: bool = True) -> list[int]:
+    """The longest cut of `text` (in characters; its end when keep_end) whose framed form fits
+    in max_length tokens."""
+    def encode_cut(n: int) -> list[int]:
+        cut = text[len(text) - n:] if keep_end else text[:n]
+        return tokenizer(fill(template, cut), add_special_tokens=special)["input_ids"]
+
+    lo, hi = 0, len(text)
+    while lo < hi:  # binary search: a few tokenizer calls for each over-long text
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(encode_cut(mid)) <= max_length else (lo, mid - 1)
+    ids = encode_cut(lo)
+    if len(ids) > max_length:
+        raise PeftlabError(f"the template alone takes {len(ids)} tokens, more than --max-length {max_length}; "
+                           "shorten the template or raise --max-length")
+    return ids
 
 
 def batch_indices(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,

@@ -43,8 +43,11 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def save_json(path: str | Path, obj) -> None:
-    text = json.dumps(obj, indent=2, default=str) + "\n"
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def load_json(path: str | Path) -> dict:

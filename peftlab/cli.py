@@ -41,18 +41,23 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
                             help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
+def _pick(ns: argparse.Namespace, cls) -> dict:
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+
+
 def config_from_args(ns: argparse.Namespace, **override):
+    from peftlab.decode import Sampling
     from peftlab.methods import MethodArgs
     from peftlab.run import RunConfig
     from peftlab.train import TrainArgs
 
-    pick = lambda cls: {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
-    run_kw = {k: v for k, v in pick(RunConfig).items() if k not in ("train", "method_args")}
-    return RunConfig(**{**run_kw, **override}, train=TrainArgs(**pick(TrainArgs)),
-                     method_args=MethodArgs(**pick(MethodArgs)))
+    run_kw = {k: v for k, v in _pick(ns, RunConfig).items() if k not in ("train", "method_args", "decoding")}
+    return RunConfig(**{**run_kw, **override}, train=TrainArgs(**_pick(ns, TrainArgs)),
+                     method_args=MethodArgs(**_pick(ns, MethodArgs)), decoding=Sampling(**_pick(ns, Sampling)))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from peftlab.decode import Sampling
     from peftlab.methods import MethodArgs
     from peftlab.run import RunConfig
     from peftlab.train import TrainArgs
@@ -62,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one method on one task and write a run directory")
-    for cls in (RunConfig, TrainArgs, MethodArgs):
+    for cls in (RunConfig, TrainArgs, MethodArgs, Sampling):
         add_dataclass_flags(t, cls)
 
     c = sub.add_parser("compare", help="train several methods with the same settings and print a table")
@@ -70,10 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(c, RunConfig, skip=("method",))
     add_dataclass_flags(c, TrainArgs)
     add_dataclass_flags(c, MethodArgs)
+    add_dataclass_flags(c, Sampling)
+
+    gen = sub.add_parser("generate", help="continue prompts with a trained run or a model (streams one prompt)")
+    gen.add_argument("source", help="a run directory, or a model name/path")
+    gen.add_argument("--prompt", action="append", required=True, help="input text (repeat for a batch); a "
+                     "generation run frames it with its task template")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's task's, or 64")
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default: none for a "
+                     "model, a newline for a generation run)")
+    gen.add_argument("--chat", action="store_true", help="wrap a plain model's prompt in its chat template")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--no-stream", action="store_true", help="print the text at the end only")
+    add_dataclass_flags(gen, Sampling)
 
     e = sub.add_parser("eval", help="evaluate a finished run directory")
     e.add_argument("run_dir")
     e.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    add_dataclass_flags(e, Sampling)  # generation runs: decode with other settings than in training
 
     x = sub.add_parser("export", help="write a run's adapter in Hugging Face PEFT layout")
     x.add_argument("run_dir")
@@ -137,7 +156,9 @@ def cmd_compare(args) -> None:
 def cmd_eval(args) -> None:
     from peftlab.run import eval_run
 
-    m = eval_run(args.run_dir, args.split)
+    from peftlab.decode import Sampling
+
+    m = eval_run(args.run_dir, args.split, Sampling(**_pick(args, Sampling)))
     print(f"{args.split} ({m['rows']} rows): " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "rows"))
 
 
@@ -153,6 +174,20 @@ def cmd_merge(args) -> None:
     print(f"merged model written to {merge_run(args.run_dir, args.out)} (task head: head.safetensors)")
 
 
+def cmd_generate(args) -> None:
+    from peftlab.decode import Sampling
+    from peftlab.run import load_generator
+
+    g = load_generator(args.source, chat=args.chat)
+    stop = tuple(args.stop) if args.stop is not None else g.stop_strings
+    stream = len(args.prompt) == 1 and not args.no_stream
+    texts = g.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=Sampling(**_pick(args, Sampling)),
+                       stop_strings=stop, seed=args.seed, stream=sys.stdout if stream else None)
+    if not stream:
+        for prompt, text in zip(args.prompt, texts):
+            print(f"### {prompt}\n{text}\n")
+
+
 def cmd_models(args) -> None:
     from peftlab.models import EMBEDDED
 
@@ -166,7 +201,7 @@ def cmd_inspect(args) -> None:
     print(inspect_model(args.model))
 
 
-COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "export": cmd_export,
+COMMANDS = {"generate": cmd_generate, "train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "export": cmd_export,
             "merge": cmd_merge, "models": cmd_models, "inspect": cmd_inspect}
 
 if __name__ == "__main__":

@@ -31,18 +31,28 @@ def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[d
     return records
 
 
+GEN_SHOWN = ("rougeL", "rouge1", "rouge2", "exact_match", "token_f1", "gen_words")
+
+
+def _quality(r: dict) -> tuple[list[str], list[str]]:
+    """Quality column names and values (in %) of one record: classification or generation."""
+    t = r["test"]
+    if r.get("kind") == "generation":
+        names = [r["metric"], *(m for m in GEN_SHOWN if m != r["metric"])]
+        return names, [f"{t[m]:.1f}" for m in names]  # generation metrics are x100 already
+    names = ["accuracy"] + ([] if r["metric"] == "accuracy" else [r["metric"]])
+    return names, [f"{100 * t[m]:.1f}" for m in names]
+
+
 def columns(records: list[dict]) -> list[str]:
-    extra = [] if records[0]["metric"] == "accuracy" else [records[0]["metric"]]
-    return ["method", "accuracy", *extra, "trainable", "%", "s/epoch", "tok/s", "peak MiB"]
+    return ["method", *_quality(records[0])[0], "trainable", "%", "s/epoch", "tok/s", "peak MiB"]
 
 
 def rows(records: list[dict]) -> list[list[str]]:
     out = []
     for r in records:
-        t = r["test"]
-        extra = [] if r["metric"] == "accuracy" else [f"{100 * t[r['metric']]:.1f}"]
         out.append([
-            r["method"], f"{100 * t['accuracy']:.1f}", *extra, fmt_params(r["trainable_params"]),
+            r["method"], *_quality(r)[1], fmt_params(r["trainable_params"]),
             f"{r['trainable_pct']:.2f}", f"{sum(r['time_per_epoch_s']) / len(r['time_per_epoch_s']):.1f}",
             f"{r['tokens_per_s']:.0f}", f"{r['peak_memory_mb']:.0f}",
         ])

@@ -26,15 +26,22 @@ class TaskSpec:
     text_column: str = "text"
     label_column: str = "label"
     hub: tuple[str, str | None, str] | None = None  # (path, config, its text column) when online
+    template: str = "{text}"  # how a text is framed for label-word scoring and in-context learning
+    words: tuple[str, ...] | None = None  # label words (verbalizers); default: the label names
 
 
 TASKS: dict[str, TaskSpec] = {
-    "sst2": TaskSpec("sst2", ("negative", "positive"), "accuracy", hub=("stanfordnlp/sst2", None, "sentence")),
-    "cola": TaskSpec("cola", ("unacceptable", "acceptable"), "mcc", hub=("nyu-mll/glue", "cola", "sentence")),
+    "sst2": TaskSpec("sst2", ("negative", "positive"), "accuracy", hub=("stanfordnlp/sst2", None, "sentence"),
+                     template="Review: {text}\nSentiment:"),
+    "cola": TaskSpec("cola", ("unacceptable", "acceptable"), "mcc", hub=("nyu-mll/glue", "cola", "sentence"),
+                     template="Sentence: {text}\nIs this sentence grammatically correct or incorrect? Answer:",
+                     words=("incorrect", "correct")),
     # 13% spam: macro-F1 picks checkpoints that find spam, not ones that say "ham" to everything.
-    "sms_spam": TaskSpec("sms_spam", ("ham", "spam"), "macro_f1", hub=("ucirvine/sms_spam", None, "sms")),
+    "sms_spam": TaskSpec("sms_spam", ("ham", "spam"), "macro_f1", hub=("ucirvine/sms_spam", None, "sms"),
+                         template="Message: {text}\nIs this message spam or ham? Answer:"),
     "amazon_reviews": TaskSpec("amazon_reviews", ("1 star", "2 stars", "3 stars", "4 stars", "5 stars"),
-                               "accuracy", hub=("mteb/amazon_reviews_multi", "en", "text")),
+                               "accuracy", hub=("mteb/amazon_reviews_multi", "en", "text"),
+                               template="Review: {text}\nRating (1 to 5 stars):", words=("1", "2", "3", "4", "5")),
 }
 
 
@@ -46,6 +53,8 @@ class Task:
     labels: tuple[str, ...]
     metric: str
     splits: dict[str, Dataset] = field(repr=False)
+    template: str = "{text}"
+    words: tuple[str, ...] = ()  # label words, one per label
 
     @property
     def num_labels(self) -> int:
@@ -89,7 +98,8 @@ def load_task(task: str, *, text_column: str | None = None, label_column: str | 
     labels = spec.labels if spec else _label_names(splits)
     splits = {s: _label_ids(ds, s, labels, bool(spec)) for s, ds in splits.items()}
     name = spec.name if spec else path.stem
-    return Task(name=name, labels=labels, metric=spec.metric if spec else "accuracy", splits=splits)
+    return Task(name=name, labels=labels, metric=spec.metric if spec else "accuracy", splits=splits,
+                template=spec.template if spec else "{text}", words=(spec and spec.words) or labels)
 
 
 def _read_file(path: Path, split: str) -> Dataset:
@@ -186,12 +196,14 @@ def _label_ids(ds: Dataset, split: str, labels: tuple[str, ...], builtin: bool) 
 
 
 def subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
-    """A fixed, seeded subset of n rows, stratified by label (each label keeps its share)."""
+    """A fixed, seeded subset of n rows, stratified by label when there is one (each label keeps its share)."""
     if n is None or n >= len(ds):
         return ds
     if n <= 0:
         raise PeftlabError(f"a row limit must be positive, got {n}")
     rng = np.random.default_rng(seed)
+    if "label" not in ds.column_names:
+        return ds.select(np.sort(rng.permutation(len(ds))[:n]))
     labels = np.asarray(ds["label"])
     classes, counts = np.unique(labels, return_counts=True)
     quota = np.floor(counts / len(ds) * n).astype(int)

@@ -2,13 +2,15 @@
 
     next_logits  one forward step -> (B, V) logits of the last position, and the cache
     pick         logits -> next token ids (repetition penalty, temperature, top-k, top-p)
-    generate     the loop: stop on EOS / stop ids, max_new_tokens, seeded sampling
+    generate     the loop: stop on EOS / stop ids / stop strings, max_new_tokens, seeded sampling,
+                 an optional callback per step (streaming)
 
 Works with every method: virtual tokens (soft prompts, prefixes) go into the first step and
 stay in the cache; positions and masks come from `virtual.body_inputs`.
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,10 +22,21 @@ from peftlab.virtual import body_inputs
 class Sampling:
     """How the next token is chosen. temperature 0 means greedy."""
 
-    temperature: float = 0.0
-    top_k: int = 0  # keep the k most likely tokens (0: all)
-    top_p: float = 1.0  # keep the smallest set whose probability reaches p (1: all)
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (CTRL-style)
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0: greedy)"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0: all)"})
+    top_p: float = field(default=1.0, metadata={"help": "sample within the smallest set of probability p (1: all)"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages tokens already in the "
+                                                                      "sequence (CTRL-style)"})
+
+    def __post_init__(self) -> None:
+        from peftlab.errors import PeftlabError
+
+        for ok, msg in ((self.temperature >= 0, "--temperature must be >= 0 (0 is greedy)"),
+                        (self.top_k >= 0, "--top-k must be >= 0 (0 keeps all tokens)"),
+                        (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+                        (self.repetition_penalty > 0, "--repetition-penalty must be positive (1 is off)")):
+            if not ok:
+                raise PeftlabError(msg)
 
 
 def next_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, past=None, use_cache: bool = True):
@@ -63,12 +76,17 @@ def pick(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator: torch
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
              sampling: Sampling | None = None, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
-             use_cache: bool = True, seed: int | None = None) -> torch.Tensor:
-    """Left-padded (B, T) prompts -> (B, max_new_tokens) new tokens, pad after a row stops.
+             use_cache: bool = True, seed: int | None = None, stop_strings: tuple[str, ...] = (),
+             tokenizer=None, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Left-padded (B, T) prompts -> (B, <= max_new_tokens) new tokens, pad after a row stops.
 
-    A row stops at the first token in `stop_ids` (kept in the output); all rows stop when
-    every row has. `use_cache=False` recomputes every step from scratch (the reference).
+    A row stops at the first token in `stop_ids` (kept in the output), or once its decoded text
+    holds one of `stop_strings` (needs `tokenizer`; cut the text with `trim_at_stop`); all rows
+    stop when every row has. `on_step(tokens)` sees each step's (B,) tokens, for streaming.
+    `use_cache=False` recomputes every step from scratch (the reference).
     """
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer to read the generated text")
     s = sampling or Sampling()
     gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     B = input_ids.shape[0]
@@ -84,7 +102,11 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
             logits, _, _ = next_logits(model, seq, mask, use_cache=False)
         token = pick(logits, seq, s, gen)
         out[:, t] = torch.where(done, torch.full_like(token, pad_id), token)
+        if on_step is not None:
+            on_step(out[:, t])
         done |= torch.isin(token, stops)
+        if stop_strings:
+            done |= _hit_stop_string(out[:, :t + 1], done, tokenizer, stop_strings)
         if done.all():
             return out[:, :t + 1]
         step_ids = token[:, None]
@@ -94,3 +116,20 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         if use_cache:
             full_mask = torch.cat([full_mask, new], 1)
     return out
+
+
+def _hit_stop_string(new: torch.Tensor, done: torch.Tensor, tokenizer, stop_strings: tuple[str, ...]) -> torch.Tensor:
+    """Rows (not yet done) whose generated text so far, leading whitespace aside, holds a stop string."""
+    hit = torch.zeros_like(done)
+    for i in (~done).nonzero().flatten().tolist():
+        text = tokenizer.decode(new[i], skip_special_tokens=True).lstrip()
+        hit[i] = any(s in text for s in stop_strings)
+    return hit
+
+
+def trim_at_stop(text: str, stop_strings: tuple[str, ...]) -> str:
+    """The text before the first stop string (a generated newline ends a one-line answer);
+    leading whitespace does not count, so an answer may start on a new line."""
+    text = text.lstrip()
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
+    return text[:cut]

@@ -1,5 +1,10 @@
 """A classifier = a backbone's body + pooling + a linear head.
 
+Or, for causal LMs, label-word scoring (a verbalizer): no new head at all, each label is scored
+by the log-probability the model's own LM head gives its word(s) after the input, so a frozen LM
+can classify ("Sentiment:" -> " positive" vs " negative"), as prompt tuning and in-context
+learning want.
+
 Pooling reads one vector per sequence from the body's last hidden states:
   last   the last real (non-pad) token: right for causal LMs, whose last token has seen all
          others; correct under left or right padding
@@ -13,6 +18,7 @@ import torch
 from torch import nn
 
 from peftlab.arch import Arch
+from peftlab.errors import PeftlabError
 from peftlab.virtual import body_inputs
 
 Pooling = Literal["auto", "last", "first", "mean"]
@@ -34,10 +40,53 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
 
 
-class Classifier(nn.Module):
-    """Backbone body + pooling + linear head; forward returns (B, num_labels) logits."""
+class LabelWords(nn.Module):
+    """Scores labels by the summed log-probability of their words under the LM head.
 
-    def __init__(self, arch: Arch, num_labels: int, pooling: Pooling = "auto", tokenizer=None):
+    No parameters of its own. Words get a leading space (they follow a prompt such as
+    "Sentiment:"); multi-token words are scored token by token, each row-label pair as one
+    sequence. Needs left padding, so that every input ends at the last position.
+    """
+
+    def __init__(self, arch: Arch, tokenizer, words: tuple[str, ...]):
+        super().__init__()
+        if arch.lm_head is None or not arch.causal:
+            raise PeftlabError(f"label-word scoring needs a causal LM with an LM head; '{arch.model_type}' has "
+                               "none here: use --head linear")
+        ids = [tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"] for w in words]
+        if any(not x for x in ids) or len(set(map(tuple, ids))) < len(ids):
+            raise PeftlabError(f"label words {list(words)} must be non-empty and tokenize differently; "
+                               "give others with --label-words")
+        width = max(map(len, ids))
+        self.words = tuple(words)
+        self.register_buffer("word_ids", torch.tensor([x + [0] * (width - len(x)) for x in ids]), persistent=False)
+        self.register_buffer("word_mask", torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+                             persistent=False)
+
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, num_labels) log-probabilities of each label's words after each input."""
+        if not bool(attention_mask[:, -1].all()):
+            raise PeftlabError("label-word scoring needs left-padded inputs")
+        B, (L, W) = input_ids.shape[0], self.word_ids.shape
+        lm_head = model.arch.lm_head
+        if W == 1:  # one forward: the next-token distribution after the input
+            kw, _, _ = body_inputs(model, input_ids, attention_mask)
+            h = model.body(**kw).last_hidden_state[:, -1]
+            return lm_head(h).float().log_softmax(-1)[:, self.word_ids[:, 0]]
+        words, wmask = self.word_ids.repeat(B, 1), self.word_mask.repeat(B, 1)  # (B*L, W)
+        ids = torch.cat([input_ids.repeat_interleave(L, 0), words], 1)
+        mask = torch.cat([attention_mask.repeat_interleave(L, 0), wmask.to(attention_mask.dtype)], 1)
+        kw, _, _ = body_inputs(model, ids, mask)
+        h = model.body(**kw).last_hidden_state[:, -W - 1:-1]  # the positions that predict each word token
+        logp = lm_head(h).float().log_softmax(-1).gather(-1, words.unsqueeze(-1)).squeeze(-1)
+        return (logp * wmask).sum(-1).view(B, L)
+
+
+class Classifier(nn.Module):
+    """Backbone body + pooling + linear head (or label-word scoring); forward returns (B, num_labels) logits."""
+
+    def __init__(self, arch: Arch, num_labels: int, pooling: Pooling = "auto", tokenizer=None,
+                 label_words: tuple[str, ...] | None = None):
         super().__init__()
         self.arch = arch  # plain attribute: handles on the body's parts for the methods
         self.tokenizer = tokenizer  # for methods that start from text (prompt-tuning init)
@@ -48,6 +97,11 @@ class Classifier(nn.Module):
             self.body.pooler = None  # BERT's pooler is unused: we pool last_hidden_state ourselves
         self.causal = arch.causal
         self.pooling = ("last" if arch.causal else "first") if pooling == "auto" else pooling
+        if label_words is not None:
+            if len(label_words) != num_labels:
+                raise PeftlabError(f"{len(label_words)} label words for {num_labels} labels; give one per label")
+            self.head: nn.Module = LabelWords(arch, tokenizer, tuple(label_words))
+            return
         self.head = nn.Linear(arch.hidden_size, num_labels)
         nn.init.normal_(self.head.weight, std=arch.hidden_size**-0.5)
         nn.init.zeros_(self.head.bias)
@@ -58,4 +112,60 @@ class Classifier(nn.Module):
         return pool(self.body(**kw).last_hidden_state, pool_mask, self.pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.head, LabelWords):
+            return self.head(self, input_ids, attention_mask)
         return self.head(self.features(input_ids, attention_mask))
+
+
+class SeparatorToken(nn.Module):
+    """A token added to the vocabulary between input and target, with a trainable embedding.
+
+    The embedding matrix stays as it is (frozen, not resized): hooks on the embeddings look the
+    new id up as id 0 and then swap in `vector` at its positions, so the one new row trains
+    without unfreezing the others. The LM head never predicts it: it only ever sits in prompts.
+    """
+
+    def __init__(self, arch: Arch, tokenizer, token: str):
+        super().__init__()
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]})
+        self.id = tokenizer.convert_tokens_to_ids(token)
+        emb = arch.embeddings
+        self.vector = nn.Parameter(emb.weight.detach().mean(0).clone())  # the mean: a neutral start
+        self._hit: torch.Tensor | None = None
+        emb.register_forward_pre_hook(self._lookup)
+        emb.register_forward_hook(self._swap)
+
+    def _lookup(self, module: nn.Module, args: tuple):
+        self._hit = args[0] == self.id
+        return (args[0].masked_fill(self._hit, 0), *args[1:])
+
+    def _swap(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        hit, self._hit = self._hit.unsqueeze(-1), None
+        return torch.where(hit, self.vector.to(output.dtype), output)
+
+
+class LanguageModel(nn.Module):
+    """Backbone body + its own LM head, for generation. Methods attach as on a Classifier.
+
+    `head` holds what is new for the task (a separator token's embedding, or nothing), so the
+    shared code that trains and saves "method + head" needs no special case.
+    """
+
+    def __init__(self, arch: Arch, tokenizer, sep_token: str | None = None):
+        super().__init__()
+        if arch.lm_head is None or not arch.causal:
+            raise PeftlabError(f"generation needs a causal LM with an LM head; '{arch.model_type}' has none")
+        self.arch, self.tokenizer, self.body = arch, tokenizer, arch.body
+        self.prompt: nn.Module | None = None
+        self.prefix: nn.Module | None = None
+        self.causal = True
+        self.head: nn.Module = SeparatorToken(arch, tokenizer, sep_token) if sep_token else nn.ModuleList()
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) last hidden states of the real tokens (virtual ones dropped)."""
+        kw, _, _ = body_inputs(self, input_ids, attention_mask)
+        return self.body(**kw).last_hidden_state[:, -input_ids.shape[1]:]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) next-token logits at every real position."""
+        return self.arch.lm_head(self.hidden(input_ids, attention_mask))

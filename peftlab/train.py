@@ -115,15 +115,23 @@ def evaluate(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int, side:
     return classification_metrics(logits.argmax(-1), enc.labels), loss
 
 
-def train(model: nn.Module, train_data: Encoded, val_data: Encoded, args: TrainArgs, *, lr: float,
-          seed: int, pad_id: int, side: str, metric: str,
+def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+
+def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarray], tuple[torch.Tensor, int]],
+          validate: Callable[[], tuple[dict, float]], args: TrainArgs, *, lr: float, seed: int, metric: str,
           on_best: Callable[[Epoch], None] = lambda e: None, progress: bool = True) -> list[Epoch]:
-    """Train the parameters that require grad; call `on_best` after each epoch that improves `metric`."""
+    """Train the parameters that require grad; call `on_best` after each epoch that improves `metric`.
+
+    The task enters through two functions: `batch_loss(indices)` gives the loss of those training
+    examples and their token count, `validate()` the validation metrics and loss.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise PeftlabError("nothing to train: the method selected no parameters")
     opt = make_optimizer(model, lr, args.head_lr, args.weight_decay)
-    n_batches = math.ceil(len(train_data) / args.batch_size)
+    n_batches = math.ceil(len(lengths) / args.batch_size)
     steps_per_epoch = math.ceil(n_batches / args.grad_accum)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.schedule, int(args.warmup_ratio * total), total))
@@ -131,14 +139,12 @@ def train(model: nn.Module, train_data: Encoded, val_data: Encoded, args: TrainA
     best = -math.inf
     model.train()
     for epoch in range(args.epochs):
-        batches = batch_indices(train_data.lengths, args.batch_size, shuffle=True, seed=seed + epoch,
-                                bucket=args.bucket)
+        batches = batch_indices(lengths, args.batch_size, shuffle=True, seed=seed + epoch, bucket=args.bucket)
         t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None if progress else True,
                    unit="batch", dynamic_ncols=True)
         for i, idx in enumerate(bar):
-            b = collate(train_data, idx, pad_id, side)
-            loss = F.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"])
+            loss, n_tokens = batch_loss(idx)
             if not torch.isfinite(loss):
                 raise PeftlabError(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; "
                                    "lower --lr (or --head-lr) or keep --max-grad-norm on")
@@ -150,10 +156,10 @@ def train(model: nn.Module, train_data: Encoded, val_data: Encoded, args: TrainA
                 sched.step()
                 opt.zero_grad(set_to_none=True)
             loss_sum += loss.item()
-            tokens += int(b["attention_mask"].sum())
+            tokens += n_tokens
             bar.set_postfix(loss=f"{loss_sum / (i + 1):.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         seconds = time.perf_counter() - t0
-        val, val_loss = evaluate(model, val_data, args.eval_batch_size, pad_id, side)
+        val, val_loss = validate()
         ep = Epoch(epoch + 1, loss_sum / len(batches), val_loss, val, seconds, tokens)
         history.append(ep)
         if progress:

@@ -26,3 +26,24 @@ def test_minilm_last_two_blocks_learn_sst2(tmp_path):
                     out=str(tmp_path / "run"), train=TrainArgs(epochs=3, batch_size=16, lr=5e-4))
     r = train_run(cfg, progress=False)
     assert r["test"]["accuracy"] >= 0.72, r["test"]  # measured 0.773 (2026-11-23); chance is 0.5
+
+
+def test_smollm2_greedy_equals_transformers_generate():
+    import torch
+
+    from peftlab.decode import generate
+    from peftlab.generation import load_gen_task
+    from peftlab.heads import LanguageModel
+    from peftlab.models import load_backbone
+
+    b = load_backbone("smollm2-135m")
+    tok, m = b.tokenizer, LanguageModel(b.arch, b.tokenizer).eval()
+    docs = load_gen_task("xsum").splits["test"]["text"][:8]
+    texts = [f"Article: {d[:160 + 40 * i]}\nSummary:" for i, d in enumerate(docs)]  # varied lengths
+    for batch_texts in (texts[:1], texts):  # batch 1, and a left-padded batch of 8
+        batch = tok(batch_texts, padding=True, return_tensors="pt")
+        ours = generate(m, batch["input_ids"], batch["attention_mask"], 12, pad_id=tok.pad_token_id)
+        with torch.inference_mode():
+            theirs = b.model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                                      eos_token_id=None)[:, batch["input_ids"].shape[1]:]
+        assert torch.equal(ours, theirs)

@@ -145,3 +145,20 @@ def test_same_logits_as_hf_peft(name, targets, peft_kw):
         a = m.body(input_ids=ids, attention_mask=mask).last_hidden_state
         b = ref(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_fast_path_without_dropout_equals_the_general_path(name):
+    ids, mask = inputs()
+    fast, _ = setup(name, targets="all-linear")
+    randomize_b(fast)
+    slow = copy.deepcopy(fast)
+    for layer in lora_layers(slow):
+        layer.lora_dropout["default"] = torch.nn.Dropout(0.0)  # not Identity: takes the general path
+    grads = []
+    for m in (fast, slow):
+        m(ids, mask).square().sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(fast(ids, mask), slow(ids, mask), atol=1e-6, rtol=1e-5)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)

@@ -1,0 +1,230 @@
+"""Generation tasks: prompt -> target pairs, their batches, the LM loss, and decoding a split.
+
+A row is rendered as  prompt (the template around its input) + [separator] + target + EOS.
+The loss covers the target and EOS only: labels are -100 on prompt and padding positions, and
+where the prompt ends is counted in tokens of the tokenized prompt, never in characters. EOS
+after the target teaches the model to stop. Inputs too long for --max-length are shortened (the
+template, separator and target always stay whole).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from torch import nn
+from tqdm.auto import tqdm
+
+from peftlab.batching import batch_indices, check_template, fill, fit_template
+from peftlab.decode import Sampling, generate, trim_at_stop
+from peftlab.errors import PeftlabError, unknown
+from peftlab.metrics import generation_metrics
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class GenSpec:
+    """A built-in generation task: where its rows are and how they become prompt and target."""
+
+    name: str
+    folder: str
+    template: str  # frames the input text; holds {text}
+    text: Callable[[dict], str]  # the row's input (the part shortened when too long)
+    target: str  # the target column
+    metric: str  # picks the best epoch
+    max_new_tokens: int
+    keep_end: bool = False  # shorten long inputs from the front (bAbI: the question is last)
+    rows: Callable[[dict], bool] = lambda r: True
+
+
+def _babi(task: int | None) -> GenSpec:
+    name = "babi" if task is None else f"babi{task}"
+    return GenSpec(name, "babi", "{text}\nAnswer:", lambda r: f"{r['context']}\nQuestion: {r['question']}",
+                   "answer", "exact_match", 8, keep_end=True,
+                   rows=(lambda r: True) if task is None else (lambda r: r["task"] == task))
+
+
+GEN_TASKS: dict[str, GenSpec] = {
+    "xsum": GenSpec("xsum", "xsum", "Summarize the article in one sentence.\n\nArticle: {text}\n\nSummary:",
+                    lambda r: r["document"], "summary", "rougeL", 48),
+    "babi": _babi(None), **{f"babi{t}": _babi(t) for t in (1, 2, 3, 6)},
+}
+LOCAL_TEMPLATE = "Input: {text}\nOutput:"
+
+
+@dataclass
+class GenTask:
+    """A loaded generation task: splits with `text` (the input) and `target` columns."""
+
+    name: str
+    metric: str
+    template: str
+    max_new_tokens: int
+    keep_end: bool
+    splits: dict[str, Dataset] = field(repr=False)
+
+
+def is_generation(task: str, target_column: str | None = None) -> bool:
+    return task in GEN_TASKS or target_column is not None
+
+
+def load_gen_task(task: str, *, input_column: str | None = None, target_column: str | None = None,
+                  seed: int = 0) -> GenTask:
+    """A built-in generation task by name, or a local file/folder with input and target columns."""
+    from peftlab.data import _read_file, _read_folder, _split_one, data_roots
+
+    spec = GEN_TASKS.get(task)
+    if spec is not None:
+        folder = next((r / spec.folder for r in data_roots() if (r / spec.folder / "train.jsonl").is_file()), None)
+        if folder is None:
+            raise PeftlabError(f"task '{task}' was not found under {', '.join(map(str, data_roots()))}; set "
+                               f"PEFTLAB_DATA to a folder holding {spec.folder}/train.jsonl")
+        raw = _read_folder(folder)
+        splits = {s: _render(raw[s].filter(spec.rows), s, spec.text, spec.target) for s in SPLITS}
+        return GenTask(spec.name, spec.metric, spec.template, spec.max_new_tokens, spec.keep_end, splits)
+    path = Path(task)
+    if not (path.is_dir() or path.is_file()):
+        raise unknown("generation task", task, list(GEN_TASKS), "or give a data file or folder with "
+                      "--input-column and --target-column")
+    if not input_column or not target_column:
+        raise PeftlabError("a local generation data set needs --input-column and --target-column")
+    raw = _read_folder(path) if path.is_dir() else _split_one(_read_file(path, "train"), seed)
+    for s in SPLITS:
+        missing = [c for c in (input_column, target_column) if c not in raw[s].column_names]
+        if missing:
+            raise PeftlabError(f"{s} data has no column '{missing[0]}' (columns: {', '.join(raw[s].column_names)}); "
+                               "name the right one with --input-column / --target-column")
+    splits = {s: _render(raw[s], s, lambda r: r[input_column], target_column) for s in SPLITS}
+    return GenTask(path.stem, "rougeL", LOCAL_TEMPLATE, 64, False, splits)
+
+
+def _render(ds: Dataset, split: str, text: Callable[[dict], str], target: str) -> Dataset:
+    rows = [(text(r), r[target]) for r in ds]
+    for i, (x, y) in enumerate(rows):
+        if not isinstance(x, str) or not isinstance(y, str):
+            raise PeftlabError(f"{split} row {i}: input and target must be strings, got "
+                               f"{type(x).__name__} and {type(y).__name__}; fix or drop the row")
+    if not rows:
+        raise PeftlabError(f"the {split} split has no rows")
+    return Dataset.from_dict({"text": [x for x, _ in rows], "target": [y for _, y in rows]})
+
+
+@dataclass
+class Pairs:
+    """One split, tokenized: prompt (+ target + EOS) ids per row and where each prompt ends."""
+
+    input_ids: list[list[int]]
+    prompt_len: list[int]
+    targets: list[str]
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter(map(len, self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+    def prompts(self) -> "Pairs":
+        """The same rows without their targets: what decoding starts from."""
+        return Pairs([x[:n] for x, n in zip(self.input_ids, self.prompt_len)], self.prompt_len, self.targets)
+
+
+def encode_pairs(texts: list[str], targets: list[str], tokenizer, template: str, max_length: int, *,
+                 keep_end: bool = False, sep_ids: tuple[int, ...] = (), chat: bool = False,
+                 max_target_tokens: int = 128, with_targets: bool = True) -> Pairs:
+    """Tokenize prompt + separator + target + EOS; shorten inputs so that each row fits max_length."""
+    check_template(template)
+    if chat:  # the instruct model's own chat format around the framed input
+        template = tokenizer.apply_chat_template([{"role": "user", "content": template}],
+                                                 add_generation_prompt=True, tokenize=False)
+    special = not chat  # a chat string already holds its special tokens
+    eos = tokenizer.eos_token_id
+    ids, plens, cut = [], [], 0
+    for text, target in zip(texts, targets):
+        tgt = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"][:max_target_tokens] + [eos]
+        budget = max_length - len(sep_ids) - (len(tgt) if with_targets else 0)
+        prompt = tokenizer(fill(template, text), add_special_tokens=special)["input_ids"]
+        if len(prompt) > budget:
+            prompt, cut = fit_template(template, text, tokenizer, budget, keep_end, special), cut + 1
+        prompt = prompt + list(sep_ids)
+        ids.append(prompt + tgt if with_targets else prompt)
+        plens.append(len(prompt))
+    return Pairs(ids, plens, list(targets), cut)
+
+
+def collate_pairs(data: Pairs, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded ids and mask, and labels: the target tokens, -100 on prompt and padding."""
+    rows = [data.input_ids[i] for i in idx]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for j, (i, r) in enumerate(zip(idx, rows)):
+        start = width - len(r)
+        ids[j, start:] = torch.as_tensor(r)
+        mask[j, start:] = 1
+        labels[j, start + data.prompt_len[i]:] = torch.as_tensor(r[data.prompt_len[i]:], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each labelled token given the ones before it.
+
+    The LM head runs only on positions that predict a label: with a 49k vocabulary, projecting
+    every prompt position would cost more than the body's forward itself.
+    """
+    hidden = model.hidden(batch["input_ids"], batch["attention_mask"])
+    target = batch["labels"][:, 1:]
+    keep = target != -100
+    logits = model.arch.lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
+
+
+@torch.inference_mode()
+def validation_loss(model: nn.Module, data: Pairs, batch_size: int, pad_id: int) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for idx in batch_indices(data.lengths, batch_size, shuffle=False):
+        b = collate_pairs(data, idx, pad_id)
+        total += lm_loss(model, b, reduction="sum").item()
+        count += int((b["labels"][:, 1:] != -100).sum())
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def complete(model: nn.Module, tokenizer, prompts: Pairs, *, max_new_tokens: int, batch_size: int = 8,
+             sampling: Sampling | None = None, stop_strings: tuple[str, ...] = ("\n",), seed: int = 0,
+             progress: bool = False, desc: str = "generating") -> list[str]:
+    """Decode every prompt (batched, longest first, left-padded); texts in the original order."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = [""] * len(prompts)
+    pad = tokenizer.pad_token_id
+    batches = batch_indices(prompts.lengths, batch_size, shuffle=False)
+    for n, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True)):
+        rows = [prompts.input_ids[i] for i in idx]
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        new = generate(model, ids, mask, max_new_tokens, sampling, stop_ids=(tokenizer.eos_token_id,), pad_id=pad,
+                       seed=seed + n, stop_strings=stop_strings, tokenizer=tokenizer)
+        for i, row in zip(idx, new.tolist()):
+            out[i] = trim_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings).strip()
+    model.train(was_training)
+    return out
+
+
+def evaluate_generation(model: nn.Module, tokenizer, data: Pairs, *, max_new_tokens: int, batch_size: int = 8,
+                        sampling: Sampling | None = None, seed: int = 0, progress: bool = False,
+                        with_loss: bool = True) -> tuple[dict[str, float], float, list[str]]:
+    """Task metrics of greedy (or sampled) outputs, the teacher-forced loss, and the outputs."""
+    loss = validation_loss(model, data, batch_size, tokenizer.pad_token_id) if with_loss else float("nan")
+    preds = complete(model, tokenizer, data.prompts(), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     sampling=sampling, seed=seed, progress=progress)
+    return generation_metrics(preds, data.targets), loss, preds

@@ -1,0 +1,348 @@
+"""In-context learning (ICL): the no-training baseline for classification.
+
+A frozen causal LM reads k labelled examples from the training split, then the query, and each
+label is scored by the log-probability the LM gives its word next (the label-word head of
+heads.py; Brown et al. 2020, "Language Models are Few-Shot Learners"). For sst2, k = 2:
+
+    Review: a gorgeous , witty film\\nSentiment: positive     <- support 1: template + " " + word
+                                                            <- blocks joined by a blank line
+    Review: flat and lifeless\\nSentiment: negative          <- support 2
+                                                            <-
+    Review: <query>\\nSentiment:                             <- the query, scored by label words
+
+One draw of k support examples (a seeded permutation of the training split, so also their
+order) serves every query of a repeat; repeats use seeds seed, seed+1, ... and their spread
+shows how much the result hangs on which examples were drawn and in what order (Zhao et al.
+2021, "Calibrate Before Use"). k = 0 is zero-shot and needs one repeat only.
+"""
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from peftlab.batching import Encoded, check_template, encode, fill
+from peftlab.checkpoint import save_json
+from peftlab.data import Task, load_task, subset
+from peftlab.errors import PeftlabError
+from peftlab.heads import Classifier
+from peftlab.metrics import METRICS, classification_metrics
+from peftlab.models import Backbone, load_backbone
+from peftlab.train import predict
+
+SEP = "\n\n"  # between support examples, and before the query
+JSON, TABLE, CURVE = "icl.json", "icl.md", "icl_curve.png"
+
+
+@dataclass
+class Draw:
+    """One (k, support draw) cell: its metrics, its prompts, the support examples cut to fit, its time."""
+
+    metrics: dict[str, float]
+    prompts: Encoded
+    dropped: int
+    seconds: float
+
+
+def parse_shots(text: str) -> list[int]:
+    """'0,1,4' -> [0, 1, 4] (the --shots flag)."""
+    try:
+        shots = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        msg = f"--shots '{text}' must be comma-separated whole numbers, e.g. 0,1,4,8,16"
+        raise PeftlabError(msg) from None
+    if not shots:
+        raise PeftlabError("--shots is empty; give the numbers of examples per prompt, e.g. 0,1,4,8,16")
+    return shots
+
+
+def support_blocks(task: Task, train_ds: Dataset, k: int, seed: int) -> list[str]:
+    """k training examples, each framed by the task's template and followed by its label word.
+
+    The draw is the first k of a seeded permutation: the same seed gives the same examples in
+    the same order, and a smaller k takes a prefix of a larger k's draw.
+    """
+    _check_k(k, len(train_ds))
+    if seed < 0:
+        raise PeftlabError(f"--seed must be >= 0, got {seed}")
+    order = np.random.RandomState(seed).permutation(len(train_ds))[:k]
+    rows = [train_ds[int(i)] for i in order]
+    # one leading space, as LabelWords scores " " + word after the prompt
+    return [fill(task.template, r["text"]) + " " + task.words[r["label"]].strip() for r in rows]
+
+
+def build_prompt(task: Task, train_ds: Dataset, query_text: str, k: int, seed: int) -> str:
+    """The k-shot prompt for one query: k support examples from `train_ds`, then the query unanswered."""
+    check_template(task.template)
+    return SEP.join([*support_blocks(task, train_ds, k, seed), fill(task.template, query_text)])
+
+
+def encode_prompts(task: Task, tokenizer: PreTrainedTokenizerBase, blocks: list[str], queries: list[str],
+                   labels, max_length: int) -> tuple[Encoded, int]:
+    """Token ids of each query's prompt (`blocks` then the query), at most max_length long.
+
+    A prompt that is too long loses support examples from the front (the oldest) until it fits;
+    only when the query alone is too long is its text shortened, its frame kept whole (as
+    batching.encode does). Returns the prompts, with `truncated` counting the shortened ones,
+    and the number of support examples dropped in all.
+    """
+    def tokens(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+
+    tails = [fill(task.template, q) for q in queries]
+    ids = tokens([SEP.join([*blocks, t]) for t in tails])
+    long = [i for i, x in enumerate(ids) if len(x) > max_length]
+    dropped, alone_too_long = 0, []
+    for i in long:  # re-tokenize whole prompts: tokens may merge across a block boundary
+        j = 0
+        while len(ids[i]) > max_length and j < len(blocks):
+            j += 1
+            ids[i] = tokens([SEP.join([*blocks[j:], tails[i]])])[0]
+        dropped += j
+        if len(ids[i]) > max_length:
+            alone_too_long.append(i)
+    if alone_too_long:
+        short = encode([queries[i] for i in alone_too_long], [0] * len(alone_too_long), tokenizer, max_length,
+                       "query", task.template)
+        for i, x in zip(alone_too_long, short.input_ids, strict=True):
+            ids[i] = x
+    # an empty text under the bare "{text}" template still needs one position to score after
+    filler = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id]
+    ids = [x or filler for x in ids]
+    return Encoded(ids, np.asarray(labels, dtype=np.int64), truncated=len(long)), dropped
+
+
+def score_prompts(model: Classifier, tokenizer: PreTrainedTokenizerBase, enc: Encoded,
+                  batch_size: int) -> np.ndarray:
+    """(N, num_labels) label-word log-probabilities, in the order of `enc`.
+
+    Batches come from prompts of similar length (sorted), left-padded: every prompt then ends
+    at the last position, where the label words are scored.
+    """
+    logits, _ = predict(model, enc, batch_size, tokenizer.pad_token_id, "left")
+    return logits
+
+
+def icl_classify(backbone: Backbone, task: Task, shots: list[int], repeats: int = 3, limit: int | None = None,
+                 seed: int = 0, batch_size: int = 16, max_length: int = 1024,
+                 progress: bool = True) -> list[dict]:
+    """k-shot in-context classification of the test split, for each k in `shots`.
+
+    Args:
+        backbone: a causal LM with an LM head (from `load_backbone`); nothing is trained.
+        task: a loaded task; its template frames every example, its words are the answers.
+        shots: numbers of support examples per prompt (in total, not per class); 0 = zero-shot.
+        repeats: support draws per k (seeds seed, seed+1, ...); k = 0 runs once.
+        limit: score a seeded, stratified subset of this many test rows.
+        seed: the first draw's seed; also seeds the test subset.
+        batch_size: prompts per forward pass.
+        max_length: token budget of one prompt (capped at the model's context); longer prompts
+            drop support examples from their front.
+        progress: show a progress bar over the (k, repeat) cells.
+
+    Returns:
+        One record per k (ascending): k, metric (the task's), mean, std and values of it over
+        the draws, the same for every metric under `metrics`, seeds, rows, prompt_tokens
+        (mean per prompt), shortened (prompts over budget), dropped (support examples cut),
+        seconds.
+
+    Raises:
+        PeftlabError: a bad k, repeats, limit, seed, batch size or budget; a model without an LM head.
+    """
+    shots = _check_args(shots, repeats, limit, seed, batch_size, max_length)
+    _check_inputs(backbone, task, shots)
+    train_ds = task.splits["train"]
+    tok = backbone.tokenizer
+    model = Classifier(backbone.arch, task.num_labels, tokenizer=tok, label_words=task.words).eval()
+    budget = _budget(backbone, model, max_length)
+    test = subset(task.splits["test"], limit, seed)
+    queries, labels = list(test["text"]), np.asarray(test["label"])
+    cells = [(k, r) for k in shots for r in range(1 if k == 0 else repeats)]
+    draws: dict[int, list[Draw]] = {k: [] for k in shots}
+    bar = tqdm(cells, desc=f"icl {task.name}", unit="draw", disable=None if progress else True,
+               dynamic_ncols=True)
+    for k, r in bar:
+        bar.set_postfix(k=k, draw=r + 1)
+        t0 = time.perf_counter()
+        blocks = support_blocks(task, train_ds, k, seed + r)
+        enc, dropped = encode_prompts(task, tok, blocks, queries, labels, budget)
+        preds = score_prompts(model, tok, enc, batch_size).argmax(-1)
+        draws[k].append(Draw(classification_metrics(preds, labels), enc, dropped, time.perf_counter() - t0))
+    records = [_record(backbone.name, task, k, seed, draws[k]) for k in shots]
+    for rec in records:
+        if rec["shortened"]:
+            n = rec["rows"] * len(rec["seeds"])
+            warnings.warn(f"k={rec['k']}: {rec['shortened']} of {n} prompts were over {budget} tokens and "
+                          f"lost {rec['dropped']} support examples from their front to fit; raise --max-length "
+                          "to keep them", stacklevel=2)
+    return records
+
+
+def _check_args(shots, repeats, limit, seed, batch_size, max_length) -> list[int]:
+    checks = [
+        (len(shots) > 0, "give at least one k in --shots, e.g. 0,1,4,8,16"),
+        (repeats >= 1, f"--repeats must be at least 1, got {repeats}"),
+        (limit is None or limit >= 1, f"--limit must be at least 1, got {limit}"),
+        (seed >= 0, f"--seed must be >= 0, got {seed}"),
+        (batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}"),
+        (max_length >= 2, f"--max-length must be at least 2, got {max_length}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise PeftlabError(msg)
+    for k in shots:
+        _check_k(k, None)
+    return sorted(set(shots))
+
+
+def _check_inputs(backbone: Backbone, task: Task, shots: list[int]) -> None:
+    if not backbone.arch.causal or backbone.arch.lm_head is None:
+        raise PeftlabError(f"in-context learning needs a causal LM with an LM head; '{backbone.name}' "
+                           f"({backbone.arch.model_type}) has none: pick one such as smollm2-135m")
+    for k in shots:
+        _check_k(k, len(task.splits["train"]))
+    check_template(task.template)
+
+
+def _check_k(k: int, n_train: int | None) -> None:
+    if k < 0:
+        raise PeftlabError(f"k={k}: the number of support examples must be >= 0 (0 = zero-shot)")
+    if n_train is not None and k > n_train:
+        raise PeftlabError(f"k={k} is larger than the train split ({n_train} rows); "
+                           f"give a k of at most {n_train}")
+
+
+def _budget(backbone: Backbone, model: Classifier, max_length: int) -> int:
+    """max_length, capped so the prompt plus its label word's tokens fit the model's positions."""
+    context = getattr(backbone.model.config, "max_position_embeddings", None)
+    if context is None:
+        return max_length
+    return min(max_length, context - model.head.word_ids.shape[1])
+
+
+def _record(model: str, task: Task, k: int, seed: int, draws: list[Draw]) -> dict:
+    """The summary of one k over its draws: mean, std (n-1; 0 for one draw) and values of each metric."""
+    def stats(values: list[float]) -> dict:
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return {"mean": float(np.mean(values)), "std": std, "values": values}
+
+    metrics = {m: stats([d.metrics[m] for d in draws]) for m in METRICS}
+    main = metrics[task.metric]
+    return {
+        "model": model, "task": task.name, "k": k, "metric": task.metric,
+        "mean": main["mean"], "std": main["std"], "values": main["values"], "metrics": metrics,
+        "seeds": [seed + i for i in range(len(draws))], "rows": len(draws[0].prompts),
+        "prompt_tokens": float(np.mean([d.prompts.lengths.mean() for d in draws])),
+        "shortened": sum(d.prompts.truncated for d in draws), "dropped": sum(d.dropped for d in draws),
+        "seconds": sum(d.seconds for d in draws),
+    }
+
+
+# --- reports: a table and a curve, made from the records alone ---------------------------------------
+
+def table_title(records: list[dict]) -> str:
+    r = records[0]
+    return (f"In-context learning, {r['model']} on {r['task']}: test metrics in % (MCC x100), "
+            f"mean ± std over support draws, {r['rows']} test rows; task metric: {r['metric']}")
+
+
+def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    cols = ["k", "draws", *METRICS, "tokens/prompt", "seconds"]
+    rows = [[str(r["k"]), str(len(r["values"])),
+             *[f"{100 * r['metrics'][m]['mean']:.1f} ± {100 * r['metrics'][m]['std']:.1f}" for m in METRICS],
+             f"{r['prompt_tokens']:.0f}", f"{r['seconds']:.1f}"] for r in records]
+    return cols, rows
+
+
+def markdown_table(records: list[dict]) -> str:
+    cols, rows = table_rows(records)
+    lines = [f"**{table_title(records)}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def write_table(records: list[dict], path: str | Path) -> Path:
+    """Write the per-k table as Markdown."""
+    path = Path(path)
+    path.write_text(markdown_table(records))
+    return path
+
+
+def print_table(records: list[dict]) -> None:
+    cols, rows = table_rows(records)
+    table = Table(title=table_title(records))
+    for c in cols:
+        table.add_column(c, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
+def plot_curve(records: list[dict], path: str | Path) -> Path:
+    """The k-shot curve as a PNG: the task metric (and accuracy, if it differs) against k, error bars = std.
+
+    k sits on a categorical axis, so k = 0 shows and 1, 4, 16 are evenly spaced.
+    """
+    # Figure + the Agg canvas, not pyplot: no global backend switch, nothing left open
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    r0 = records[0]
+    fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(records))
+    for m in dict.fromkeys([r0["metric"], "accuracy"]):
+        mean = [100 * r["metrics"][m]["mean"] for r in records]
+        std = [100 * r["metrics"][m]["std"] for r in records]
+        label = m + (" (task metric)" if m == r0["metric"] else "")
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=4, label=label)
+    ax.set_xticks(x, [str(r["k"]) for r in records])
+    ax.set_xlabel("k (support examples in the prompt)")
+    ax.set_ylabel("test score (%)")
+    draws = max(len(r["values"]) for r in records)
+    spread = f"mean ± std over {draws} support draws per k (k = 0: one)" if draws > 1 else "one support draw per k"
+    ax.set_title(f"{r0['model']} on {r0['task']}: in-context learning\n{r0['rows']} test rows, {spread}",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+# --- one call for the CLI ---------------------------------------------------------------------------
+
+def run_icl(model: str, task: str, shots: list[int], repeats: int = 3, limit: int | None = None,
+            seed: int = 0, out_dir: str | Path | None = None, batch_size: int = 16, max_length: int = 1024,
+            progress: bool = True) -> list[dict]:
+    """Load a model and a task, run `icl_classify`, write icl.json, icl.md and icl_curve.png, print the table.
+
+    out_dir defaults to runs/icl-<model>-<task>-<time>. Returns the records.
+    """
+    _check_args(shots, repeats, limit, seed, batch_size, max_length)  # fail before any loading
+    loaded = load_task(task, seed=seed)
+    backbone = load_backbone(model, seed=seed)
+    _check_inputs(backbone, loaded, shots)  # before an output folder is made
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(out_dir or f"runs/icl-{Path(model).stem}-{Path(task).stem}-{stamp}")
+    try:  # before the long part
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PeftlabError(f"cannot write to '{out}' ({e.strerror}); give another --out") from e
+    records = icl_classify(backbone, loaded, shots, repeats, limit, seed, batch_size, max_length, progress)
+    save_json(out / JSON, records)
+    write_table(records, out / TABLE)
+    plot_curve(records, out / CURVE)
+    print_table(records)
+    print(f"results: {out / TABLE}, {out / CURVE}, {out / JSON}")
+    return records
