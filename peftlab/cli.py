@@ -102,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("run_dir")
     g.add_argument("--out", required=True, help="directory for the merged model (safetensors) and its head")
 
+    icl = sub.add_parser("icl", help="in-context learning baseline: k-shot prompts, no training; the k-shot curve")
+    icl.add_argument("--model", default="smollm2-135m", help="a causal LM (default: smollm2-135m)")
+    icl.add_argument("--task", default="sst2", help="a classification or generation task (default: sst2)")
+    icl.add_argument("--shots", default="0,1,4,8,16", help="comma-separated k values (default: 0,1,4,8,16)")
+    icl.add_argument("--repeats", type=int, default=3, help="support draws per k > 0 (default: 3)")
+    icl.add_argument("--limit", type=int, default=None, help="evaluate on a seeded subset of N test rows")
+    icl.add_argument("--seed", type=int, default=0)
+    icl.add_argument("--batch-size", type=int, default=16)
+    icl.add_argument("--max-length", type=int, default=1024, help="token budget of one prompt (default: 1024)")
+    icl.add_argument("--out", default=None, help="folder for icl.json, icl.md, icl_curve.png")
+
     sub.add_parser("models", help="list the embedded model names")
 
     i = sub.add_parser("inspect", help="show a model's blocks and parameter counts")
@@ -188,6 +199,13 @@ def cmd_generate(args) -> None:
             print(f"### {prompt}\n{text}\n")
 
 
+def cmd_icl(args) -> None:
+    from peftlab.icl import parse_shots, run_icl
+
+    run_icl(args.model, args.task, parse_shots(args.shots), args.repeats, args.limit, args.seed, args.out,
+            args.batch_size, args.max_length)
+
+
 def cmd_models(args) -> None:
     from peftlab.models import EMBEDDED
 
@@ -201,7 +219,7 @@ def cmd_inspect(args) -> None:
     print(inspect_model(args.model))
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "export": cmd_export,
+COMMANDS = {"icl": cmd_icl, "generate": cmd_generate, "train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "export": cmd_export,
             "merge": cmd_merge, "models": cmd_models, "inspect": cmd_inspect}
 
 if __name__ == "__main__":

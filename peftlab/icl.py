@@ -1,4 +1,4 @@
-"""In-context learning (ICL): the no-training baseline for classification.
+"""In-context learning (ICL): the no-training baseline, for classification and generation.
 
 A frozen causal LM reads k labelled examples from the training split, then the query, and each
 label is scored by the log-probability the LM gives its word next (the label-word head of
@@ -14,6 +14,11 @@ One draw of k support examples (a seeded permutation of the training split, so a
 order) serves every query of a repeat; repeats use seeds seed, seed+1, ... and their spread
 shows how much the result hangs on which examples were drawn and in what order (Zhao et al.
 2021, "Calibrate Before Use"). k = 0 is zero-shot and needs one repeat only.
+
+Generation tasks (xsum, babi) build prompts the same way with the target after each support
+example, decode the query's continuation with peftlab's loop (greedy, stop at a newline) and
+score ROUGE / exact match; k = 0 on xsum is the hard-prompt baseline ("Summarize the article
+in one sentence. ... Summary:") that fine-tuned methods are compared with.
 """
 
 import sys
@@ -34,8 +39,9 @@ from peftlab.batching import Encoded, check_template, encode, fill
 from peftlab.checkpoint import save_json
 from peftlab.data import Task, load_task, subset
 from peftlab.errors import PeftlabError
-from peftlab.heads import Classifier
-from peftlab.metrics import METRICS, classification_metrics
+from peftlab.generation import GenTask, complete, encode_pairs, is_generation, load_gen_task
+from peftlab.heads import Classifier, LanguageModel
+from peftlab.metrics import GENERATION_METRICS, METRICS, classification_metrics, generation_metrics
 from peftlab.models import Backbone, load_backbone
 from peftlab.train import predict
 
@@ -187,6 +193,35 @@ def icl_classify(backbone: Backbone, task: Task, shots: list[int], repeats: int 
     return records
 
 
+def icl_generate(backbone: Backbone, task: GenTask, shots: list[int], repeats: int = 3, limit: int | None = None,
+                 seed: int = 0, batch_size: int = 8, max_length: int = 1024, progress: bool = True) -> list[dict]:
+    """k-shot in-context generation on the test split, for each k in `shots` (see `icl_classify`).
+
+    Prompts longer than max_length shorten the query's input (as training does: xsum keeps
+    the article's start, bAbI the story's end); outputs are decoded greedily and cut at a newline.
+    """
+    shots = _check_args(shots, repeats, limit, seed, batch_size, max_length)
+    train_ds, tok = task.splits["train"], backbone.tokenizer
+    for k in shots:
+        _check_k(k, len(train_ds))
+    model = LanguageModel(backbone.arch, tok).eval()
+    test = subset(task.splits["test"], limit, seed)
+    queries, targets = list(test["text"]), list(test["target"])
+    cells = [(k, r) for k in shots for r in range(1 if k == 0 else repeats)]
+    draws: dict[int, list[Draw]] = {k: [] for k in shots}
+    for k, r in tqdm(cells, desc=f"icl {task.name}", unit="draw", disable=None if progress else True):
+        t0 = time.perf_counter()
+        order = np.random.RandomState(seed + r).permutation(len(train_ds))[:k]  # as support_blocks
+        support = "".join(fill(task.template, train_ds[int(i)]["text"]) + " " + train_ds[int(i)]["target"] + SEP
+                          for i in order)
+        # the support joins the template: an over-long prompt shortens the query's input, never the frame
+        prompts = encode_pairs(queries, targets, tok, support + task.template, max_length, keep_end=task.keep_end,
+                               with_targets=False)
+        preds = complete(model, tok, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size, seed=seed)
+        draws[k].append(Draw(generation_metrics(preds, targets), prompts, prompts.truncated, time.perf_counter() - t0))
+    return [_record(backbone.name, task, k, seed, draws[k], GENERATION_METRICS) for k in shots]
+
+
 def _check_args(shots, repeats, limit, seed, batch_size, max_length) -> list[int]:
     checks = [
         (len(shots) > 0, "give at least one k in --shots, e.g. 0,1,4,8,16"),
@@ -229,16 +264,18 @@ def _budget(backbone: Backbone, model: Classifier, max_length: int) -> int:
     return min(max_length, context - model.head.word_ids.shape[1])
 
 
-def _record(model: str, task: Task, k: int, seed: int, draws: list[Draw]) -> dict:
+def _record(model: str, task: Task | GenTask, k: int, seed: int, draws: list[Draw],
+            names: tuple[str, ...] = METRICS) -> dict:
     """The summary of one k over its draws: mean, std (n-1; 0 for one draw) and values of each metric."""
     def stats(values: list[float]) -> dict:
         std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         return {"mean": float(np.mean(values)), "std": std, "values": values}
 
-    metrics = {m: stats([d.metrics[m] for d in draws]) for m in METRICS}
+    metrics = {m: stats([d.metrics[m] for d in draws]) for m in names}
     main = metrics[task.metric]
     return {
         "model": model, "task": task.name, "k": k, "metric": task.metric,
+        "percent": names is not METRICS,  # generation metrics are x100 already
         "mean": main["mean"], "std": main["std"], "values": main["values"], "metrics": metrics,
         "seeds": [seed + i for i in range(len(draws))], "rows": len(draws[0].prompts),
         "prompt_tokens": float(np.mean([d.prompts.lengths.mean() for d in draws])),
@@ -251,16 +288,21 @@ def _record(model: str, task: Task, k: int, seed: int, draws: list[Draw]) -> dic
 
 def table_title(records: list[dict]) -> str:
     r = records[0]
-    return (f"In-context learning, {r['model']} on {r['task']}: test metrics in % (MCC x100), "
+    return (f"In-context learning, {r['model']} on {r['task']}: test metrics in %{'' if r['percent'] else ' (MCC x100)'}, "
             f"mean ± std over support draws, {r['rows']} test rows; task metric: {r['metric']}")
 
 
 def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    cols = ["k", "draws", *METRICS, "tokens/prompt", "seconds"]
+    names, scale = list(records[0]["metrics"]), _scale(records[0])
+    cols = ["k", "draws", *names, "tokens/prompt", "seconds"]
     rows = [[str(r["k"]), str(len(r["values"])),
-             *[f"{100 * r['metrics'][m]['mean']:.1f} ± {100 * r['metrics'][m]['std']:.1f}" for m in METRICS],
+             *[f"{scale * r['metrics'][m]['mean']:.1f} ± {scale * r['metrics'][m]['std']:.1f}" for m in names],
              f"{r['prompt_tokens']:.0f}", f"{r['seconds']:.1f}"] for r in records]
     return cols, rows
+
+
+def _scale(record: dict) -> float:
+    return 1.0 if record.get("percent") else 100.0
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -300,9 +342,10 @@ def plot_curve(records: list[dict], path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     x = np.arange(len(records))
-    for m in dict.fromkeys([r0["metric"], "accuracy"]):
-        mean = [100 * r["metrics"][m]["mean"] for r in records]
-        std = [100 * r["metrics"][m]["std"] for r in records]
+    scale = _scale(r0)
+    for m in dict.fromkeys([r0["metric"], "accuracy" if "accuracy" in r0["metrics"] else r0["metric"]]):
+        mean = [scale * r["metrics"][m]["mean"] for r in records]
+        std = [scale * r["metrics"][m]["std"] for r in records]
         label = m + (" (task metric)" if m == r0["metric"] else "")
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=4, label=label)
     ax.set_xticks(x, [str(r["k"]) for r in records])
@@ -330,16 +373,19 @@ def run_icl(model: str, task: str, shots: list[int], repeats: int = 3, limit: in
     out_dir defaults to runs/icl-<model>-<task>-<time>. Returns the records.
     """
     _check_args(shots, repeats, limit, seed, batch_size, max_length)  # fail before any loading
-    loaded = load_task(task, seed=seed)
+    generative = is_generation(task)
+    loaded = load_gen_task(task, seed=seed) if generative else load_task(task, seed=seed)
     backbone = load_backbone(model, seed=seed)
-    _check_inputs(backbone, loaded, shots)  # before an output folder is made
+    if not generative:
+        _check_inputs(backbone, loaded, shots)  # before an output folder is made
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out_dir or f"runs/icl-{Path(model).stem}-{Path(task).stem}-{stamp}")
     try:  # before the long part
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PeftlabError(f"cannot write to '{out}' ({e.strerror}); give another --out") from e
-    records = icl_classify(backbone, loaded, shots, repeats, limit, seed, batch_size, max_length, progress)
+    run = icl_generate if generative else icl_classify
+    records = run(backbone, loaded, shots, repeats, limit, seed, batch_size, max_length, progress)
     save_json(out / JSON, records)
     write_table(records, out / TABLE)
     plot_curve(records, out / CURVE)

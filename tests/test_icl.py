@@ -189,3 +189,43 @@ def test_smollm2_classifies_sst2_in_context():
     acc = {r["k"]: r["metrics"]["accuracy"]["mean"] for r in records}
     assert acc[0] >= 0.75 and acc[4] >= 0.55, acc
     assert records[1]["prompt_tokens"] > 3 * records[0]["prompt_tokens"]  # the examples are in the prompt
+
+
+def test_generation_icl_prompts_decode_and_score(monkeypatch, tmp_path):
+    """On a generation task the k-shot prompt carries each support example's target; the CLI writes the report."""
+    from peftlab.generation import GenTask
+    from datasets import Dataset
+
+    rows = lambda n, tag: Dataset.from_dict({"text": [f"{tag}{i}" for i in range(n)],
+                                             "target": [f"t{i}" for i in range(n)]})
+    task = GenTask("toy", "exact_match", "Q: {text}\nA:", 3, False,
+                   {"train": rows(10, "train"), "validation": rows(2, "val"), "test": rows(4, "test")})
+    seen = []
+    real_complete = icl.complete
+
+    def spy(model, tok, prompts, **kw):
+        seen.extend(tok.decode(x) for x in prompts.input_ids)
+        return real_complete(model, tok, prompts, **kw)
+
+    monkeypatch.setattr(icl, "complete", spy)
+    records = icl.icl_generate(load_backbone("tiny-llama"), task, [0, 2], repeats=2, progress=False)
+    assert [r["k"] for r in records] == [0, 2] and len(records[1]["values"]) == 2
+    assert records[0]["percent"] and set(records[0]["metrics"]) >= {"exact_match", "rougeL"}
+    zero, two = seen[0], seen[4]
+    assert zero == "Q: test0\nA:"
+    assert two.count("\nA: t") == 2 and two.endswith(SEP + "Q: test0\nA:") and "train" in two
+    md = icl.markdown_table(records)
+    assert "exact_match" in md and "MCC" not in md
+    icl.plot_curve(records, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_cli_icl(marked, tmp_path, capsys):
+    from peftlab.cli import main
+
+    out = tmp_path / "icl"
+    assert main(["icl", "--model", "tiny-llama", "--task", marked, "--shots", "0,2", "--repeats", "2",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "icl.json").read_text())[1]["k"] == 2 and (out / "icl_curve.png").is_file()
+    assert main(["icl", "--model", "tiny-llama", "--task", marked, "--shots", "x"]) == 2
+    assert "--shots" in capsys.readouterr().err
