@@ -28,6 +28,7 @@ class Encoded:
     input_ids: list[list[int]]
     labels: np.ndarray
     truncated: int = 0
+    task_ids: np.ndarray | None = None  # multi-task splits: each row's task index
 
     def __len__(self) -> int:
         return len(self.input_ids)

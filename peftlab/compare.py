@@ -40,6 +40,9 @@ def _quality(r: dict) -> tuple[list[str], list[str]]:
     if r.get("kind") == "generation":
         names = [r["metric"], *(m for m in GEN_SHOWN if m != r["metric"])]
         return names, [f"{t[m]:.1f}" for m in names]  # generation metrics are x100 already
+    if r.get("kind") == "multitask":  # each task's own metric, then their mean
+        names = [f"{task}/{m}" for task, m in r["tasks"].items()] + ["combined"]
+        return names, [f"{100 * t[m]:.1f}" for m in names]
     names = ["accuracy"] + ([] if r["metric"] == "accuracy" else [r["metric"]])
     return names, [f"{100 * t[m]:.1f}" for m in names]
 

@@ -86,7 +86,7 @@ class Classifier(nn.Module):
     """Backbone body + pooling + linear head (or label-word scoring); forward returns (B, num_labels) logits."""
 
     def __init__(self, arch: Arch, num_labels: int, pooling: Pooling = "auto", tokenizer=None,
-                 label_words: tuple[str, ...] | None = None):
+                 label_words: tuple[str, ...] | None = None, bidirectional: bool = False):
         super().__init__()
         self.arch = arch  # plain attribute: handles on the body's parts for the methods
         self.tokenizer = tokenizer  # for methods that start from text (prompt-tuning init)
@@ -96,7 +96,8 @@ class Classifier(nn.Module):
         if getattr(self.body, "pooler", None) is not None:
             self.body.pooler = None  # BERT's pooler is unused: we pool last_hidden_state ourselves
         self.causal = arch.causal
-        self.pooling = ("last" if arch.causal else "first") if pooling == "auto" else pooling
+        self.bidirectional = check_bidirectional(arch, bidirectional, label_words)
+        self.pooling = auto_pooling(arch, pooling, self.bidirectional)
         if label_words is not None:
             if len(label_words) != num_labels:
                 raise PeftlabError(f"{len(label_words)} label words for {num_labels} labels; give one per label")
@@ -111,10 +112,30 @@ class Classifier(nn.Module):
         kw, _, pool_mask = body_inputs(self, input_ids, attention_mask)
         return pool(self.body(**kw).last_hidden_state, pool_mask, self.pooling)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if isinstance(self.head, LabelWords):
             return self.head(self, input_ids, attention_mask)
-        return self.head(self.features(input_ids, attention_mask))
+        return self.classify(self.features(input_ids, attention_mask))
+
+
+def auto_pooling(arch: Arch, pooling: str, bidirectional: bool = False) -> str:
+    """'auto': the last token of a causal LM (it alone has seen every other), the first ([CLS])
+    of an encoder or of a causal LM run bidirectionally."""
+    if pooling != "auto":
+        return pooling
+    return "last" if arch.causal and not bidirectional else "first"
+
+
+def check_bidirectional(arch: Arch, bidirectional: bool, label_words) -> bool:
+    if bidirectional and not arch.causal:
+        raise PeftlabError(f"--bidirectional applies to causal LMs; '{arch.model_type}' already attends both ways")
+    if bidirectional and label_words is not None:
+        raise PeftlabError("--bidirectional cannot score label words (the next-token head needs the causal "
+                           "mask); use --head linear")
+    return bidirectional
 
 
 class SeparatorToken(nn.Module):

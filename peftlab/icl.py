@@ -43,7 +43,7 @@ from peftlab.generation import GenTask, complete, encode_pairs, is_generation, l
 from peftlab.heads import Classifier, LanguageModel
 from peftlab.metrics import GENERATION_METRICS, METRICS, classification_metrics, generation_metrics
 from peftlab.models import Backbone, load_backbone
-from peftlab.train import predict
+from peftlab.train import logits_fn, predict
 
 SEP = "\n\n"  # between support examples, and before the query
 JSON, TABLE, CURVE = "icl.json", "icl.md", "icl_curve.png"
@@ -134,7 +134,7 @@ def score_prompts(model: Classifier, tokenizer: PreTrainedTokenizerBase, enc: En
     Batches come from prompts of similar length (sorted), left-padded: every prompt then ends
     at the last position, where the label words are scored.
     """
-    logits, _ = predict(model, enc, batch_size, tokenizer.pad_token_id, "left")
+    logits, _ = predict(model, enc, logits_fn(model, enc, tokenizer.pad_token_id, "left"), batch_size)
     return logits
 
 

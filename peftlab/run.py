@@ -18,18 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftlab.batching import Encoded, collate, encode
+import torch.nn.functional as F
+
+from peftlab.batching import Encoded, encode
 from peftlab.checkpoint import atomic_write_text, load_json, load_weights, save_json, save_weights
 from peftlab.data import Task, load_task, subset
 from peftlab.errors import PeftlabError
 from peftlab.decode import Sampling, generate, trim_at_stop
 from peftlab.generation import GenTask, Pairs, collate_pairs, complete, encode_pairs, evaluate_generation, \
     is_generation, lm_loss, load_gen_task
+from peftlab.features import FeatureCache, build_cache, cut_point, frozen_digest
 from peftlab.heads import POOLINGS, Classifier, LanguageModel
 from peftlab.measure import PeakMemory, machine, versions
 from peftlab.methods import MethodArgs, parse_method, set_trainable, trainable_names
 from peftlab.models import Backbone, load_backbone
-from peftlab.train import TrainArgs, classification_loss, evaluate, train
+from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join, multi_metrics, plan_batches
+from peftlab.train import TrainArgs, evaluate, logits_fn, predict, train
 
 CONFIG, METRICS, WEIGHTS = "config.json", "metrics.json", "trainable.safetensors"
 PREDICTIONS = "predictions.jsonl"  # generation runs: each test prompt's output and reference
@@ -62,6 +66,21 @@ class RunConfig:
     chat: bool = field(default=False, metadata={"help": "generation: wrap prompts in the model's chat template"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "generation: tokens to decode at most "
                                                                "(default: the task's)"})
+    freeze: str | None = field(default=None, metadata={"help": "freeze policies: backbone (no pretrained weight "
+                                                         "trains), network (only soft prompts/prefixes), head:TASK"})
+    init_from: str | None = field(default=None, metadata={"help": "transfer: start from a finished run's trained "
+                                                          "tensors (tasks new to it get fresh heads)"})
+    sampler: Literal["proportional", "uniform", "temperature"] = field(
+        default="proportional", metadata={"help": "multi-task: how often each task's batches come up"})
+    sampler_temperature: float = field(default=2.0, metadata={"help": "multi-task: T of the temperature sampler "
+                                                              "(task drawn with weight size^(1/T))"})
+    per_task_adapters: bool = field(default=False, metadata={"help": "multi-task: each task its own copy of the "
+                                                             "LoRA adapter, rows routed to their task's"})
+    bidirectional: bool = field(default=False, metadata={"help": "classify with a causal LM without its causal mask "
+                                                         "(pooling the first token)"})
+    cache_features: Literal["auto", "off"] = field(
+        default="auto", metadata={"help": "auto: when the bottom of the network is frozen, compute its features once "
+                                  "and train the top from a disk cache"})
     seed: int = field(default=0, metadata={"help": "seeds data order, subsets and head init"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<model>-<task>-<method>-<time>)"})
     train: TrainArgs = field(default_factory=TrainArgs)
@@ -81,6 +100,8 @@ class RunConfig:
             self.template = self.template.replace("\\n", "\n")  # '\n' typed in a shell means a newline
         if self.head not in ("linear", "label-words"):
             raise PeftlabError(f"--head '{self.head}' is unknown; valid: linear, label-words")
+        if self.cache_features not in ("auto", "off"):
+            raise PeftlabError(f"--cache-features '{self.cache_features}' is unknown; valid: auto, off")
         if self.pooling not in POOLINGS:
             raise PeftlabError(f"--pooling '{self.pooling}' is unknown; valid: {', '.join(POOLINGS)}")
         if self.max_length < 2:
@@ -102,21 +123,39 @@ class Prepared:
 
     backbone: Backbone
     model: Classifier | LanguageModel
-    task: Task | GenTask
+    task: Task | GenTask | MultiTask
     data: dict[str, Encoded] | dict[str, Pairs]
     trainable: list[str]
     lr: float
+    carried: list[str] = field(default_factory=list)  # tensors taken from --init-from (saved with the run)
+    caches: dict[str, FeatureCache] = field(default_factory=dict)  # per split, when the bottom is frozen
 
     @property
     def generative(self) -> bool:
         return isinstance(self.task, GenTask)
 
+    @property
+    def multi(self) -> bool:
+        return isinstance(self.task, MultiTask)
 
-def prepare(cfg: RunConfig, backbone: Backbone | None = None) -> Prepared:
-    """Load (or reuse) the backbone, load and tokenize the task, apply the method, freeze the rest."""
+
+def task_names(cfg: RunConfig) -> list[str]:
+    return [t.strip() for t in cfg.task.split(",") if t.strip()]
+
+
+def prepare(cfg: RunConfig, backbone: Backbone | None = None, transfer: bool = True) -> Prepared:
+    """Load (or reuse) the backbone, load and tokenize the task(s), apply the method, freeze the rest."""
     method = parse_method(cfg.method, cfg.method_args)  # fail fast, before any loading
+    names = task_names(cfg)
     generative = is_generation(cfg.task, cfg.target_column)
-    if generative:
+    if len(names) > 1:
+        if cfg.target_column or any(is_generation(n, None) for n in names):
+            raise PeftlabError(f"--task {cfg.task}: multi-task runs take classification tasks only")
+        if cfg.label_words or cfg.template:
+            raise PeftlabError("--label-words and --template are per task; multi-task runs use each task's own")
+        task = MultiTask([load_task(n, text_column=cfg.text_column, label_column=cfg.label_column, seed=cfg.seed)
+                          for n in names])
+    elif generative:
         task = load_gen_task(cfg.task, input_column=cfg.input_column, target_column=cfg.target_column, seed=cfg.seed)
     else:
         task = load_task(cfg.task, text_column=cfg.text_column, label_column=cfg.label_column, seed=cfg.seed)
@@ -131,23 +170,83 @@ def prepare(cfg: RunConfig, backbone: Backbone | None = None) -> Prepared:
                                     keep_end=task.keep_end, sep_ids=sep, chat=cfg.chat)
                 for split, ds in ((s, subset(d, limits[s], cfg.seed)) for s, d in task.splits.items())}
     else:
-        words = None
-        if cfg.head == "label-words":
-            words = tuple(w.strip() for w in cfg.label_words.split(",")) if cfg.label_words else task.words
-        template = cfg.template or (task.template if words else "{text}")
-        data = {}
-        for split, ds in task.splits.items():
-            ds = subset(ds, limits[split], cfg.seed)
-            data[split] = encode(ds["text"], ds["label"], tok, cfg.max_length, split, template)
+        words = cfg.head == "label-words"
+        tasks = task.tasks if isinstance(task, MultiTask) else [task]
+        label_words = [tuple(w.strip() for w in cfg.label_words.split(",")) if cfg.label_words else t.words
+                       for t in tasks] if words else None
+        templates = [cfg.template or (t.template if words else "{text}") for t in tasks]
+
+        def encode_split(t: Task, split: str, template: str) -> Encoded:
+            ds = subset(t.splits[split], limits[split], cfg.seed)
+            return encode(ds["text"], ds["label"], tok, cfg.max_length, f"{t.name} {split}", template)
+        data = {split: join([encode_split(t, split, tpl) for t, tpl in zip(tasks, templates)])
+                for split in ("train", "validation", "test")}
         torch.manual_seed(cfg.seed)
-        model = Classifier(backbone.arch, task.num_labels, cfg.pooling, tok, words)
+        if isinstance(task, MultiTask):
+            model = MultiTaskClassifier(backbone.arch, tasks, cfg.pooling, tok, words, cfg.bidirectional)
+        else:
+            data = {s: dataclasses.replace(e, task_ids=None) for s, e in data.items()}
+            model = Classifier(backbone.arch, task.num_labels, cfg.pooling, tok,
+                               label_words[0] if words else None, cfg.bidirectional)
+    pretrained = {id(p) for p in model.body.parameters()}
     method.apply(model)
-    names = trainable_names(model, method)
-    if not names:
-        raise PeftlabError(f"method '{cfg.method}' with --head {cfg.head} trains nothing; pick a method "
-                           "that adds parameters (e.g. prompt, lora) or use --head linear")
-    set_trainable(model, names)
-    return Prepared(backbone, model, task, data, names, cfg.train.lr or method.default_lr)
+    if isinstance(model, MultiTaskClassifier):
+        model.per_task_prompts()
+    trainable = trainable_names(model, method)
+    if isinstance(model, MultiTaskClassifier):
+        if cfg.per_task_adapters:
+            trainable = model.per_task_adapters(trainable)
+    elif cfg.per_task_adapters:
+        raise PeftlabError("--per-task-adapters needs several tasks (--task a,b)")
+    pretrained_names = {n for n, p in model.named_parameters() if id(p) in pretrained}
+    trainable = apply_freeze(model, trainable, cfg.freeze, pretrained_names,
+                             [t.name for t in getattr(task, "tasks", [task])])
+    carried = load_transfer(model, cfg) if cfg.init_from and transfer else []
+    if not trainable:
+        raise PeftlabError(f"method '{cfg.method}' with --head {cfg.head}{' --freeze ' + cfg.freeze if cfg.freeze else ''}"
+                           " trains nothing; pick a method that adds parameters (e.g. prompt, lora) or use --head linear")
+    set_trainable(model, trainable)
+    return Prepared(backbone, model, task, data, trainable, cfg.train.lr or method.default_lr, carried)
+
+
+def load_transfer(model: torch.nn.Module, cfg: RunConfig) -> list[str]:
+    """Load a finished run's trained tensors into this model (transfer); returns their names.
+
+    A single-task source's head becomes that task's head here; tasks new to the source keep
+    their fresh heads. Every source tensor must find its place (same method, same sizes).
+    """
+    src = Path(cfg.init_from)
+    if not (src / METRICS).is_file():
+        raise PeftlabError(f"--init-from '{src}' is not a finished run (no {METRICS}); train it to the end first")
+    record = load_json(src / METRICS)
+    src_tasks = list(record["tasks"]) if record.get("kind") == "multitask" else [record["task"]]
+    weights = load_weights(src / WEIGHTS)
+    if isinstance(model, MultiTaskClassifier) and len(src_tasks) == 1:
+        weights = {n.replace("head.", f"head.{src_tasks[0]}.", 1) if n.startswith("head.") else n: t
+                   for n, t in weights.items()}
+    params = dict(model.named_parameters())
+    for name, t in weights.items():
+        if name not in params:
+            raise PeftlabError(f"--init-from '{src}': its tensor {name} has no place in this model; use the same "
+                               f"method as that run ({record['method']})")
+        if params[name].shape != t.shape:
+            raise PeftlabError(f"--init-from '{src}': {name} is {tuple(t.shape)} there, {tuple(params[name].shape)} "
+                               "here (another label set?)")
+    model.load_state_dict(weights, strict=False)
+    return sorted(weights)
+
+
+def attach_caches(p: Prepared, cfg: RunConfig, progress: bool = True) -> None:
+    """With --cache-features auto: when the bottom of the network is frozen, compute (or load)
+    its features for every split, so training and evaluation run the top only."""
+    if cfg.cache_features == "off" or p.generative:
+        return
+    point = cut_point(p.model)
+    if point is None:
+        return
+    tok, weights = p.backbone.tokenizer, frozen_digest(p.model, point)
+    p.caches = {s: build_cache(p.model, e, tok, point, batch_size=cfg.train.eval_batch_size, weights=weights,
+                               desc=f"caching {s} features", progress=progress) for s, e in p.data.items()}
 
 
 def evaluate_split(p: Prepared, cfg: RunConfig, split: str, progress: bool = False,
@@ -158,7 +257,12 @@ def evaluate_split(p: Prepared, cfg: RunConfig, split: str, progress: bool = Fal
         return evaluate_generation(p.model, tok, p.data[split], max_new_tokens=cfg.max_new_tokens or p.task.max_new_tokens,
                                    batch_size=min(cfg.train.eval_batch_size, 16), sampling=cfg.decoding, seed=cfg.seed,
                                    progress=progress, with_loss=with_loss)
-    metrics, loss = evaluate(p.model, p.data[split], cfg.train.eval_batch_size, tok.pad_token_id, tok.padding_side)
+    enc, cache = p.data[split], p.caches.get(split)
+    if p.multi:
+        logits, loss = predict(p.model, enc, logits_fn(p.model, enc, tok.pad_token_id, tok.padding_side, cache),
+                               cfg.train.eval_batch_size)
+        return multi_metrics(logits, enc, p.task.tasks), loss, None
+    metrics, loss = evaluate(p.model, enc, cfg.train.eval_batch_size, tok.pad_token_id, tok.padding_side, cache)
     return metrics, loss, None
 
 
@@ -170,10 +274,10 @@ def batch_loss_fn(p: Prepared) -> Callable[[np.ndarray], tuple[torch.Tensor, int
             b = collate_pairs(data, idx, tok.pad_token_id)
             return lm_loss(p.model, b), int(b["attention_mask"].sum())
         return gen_loss
+    logits = logits_fn(p.model, data, tok.pad_token_id, tok.padding_side, p.caches.get("train"))
 
     def cls_loss(idx):
-        b = collate(data, idx, tok.pad_token_id, tok.padding_side)
-        return classification_loss(p.model, b), int(b["attention_mask"].sum())
+        return F.cross_entropy(logits(idx), torch.as_tensor(data.labels[idx])), int(data.lengths[idx].sum())
     return cls_loss
 
 
@@ -196,18 +300,27 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
     with PeakMemory() as mem:
         p = prepare(cfg, backbone)
         save_json(out / CONFIG, dataclasses.asdict(cfg))
+        t_cache = time.perf_counter()
+        attach_caches(p, cfg, progress)
+        cache_seconds = time.perf_counter() - t_cache
         best: dict = {}
-        trained = set(p.trainable)
+        saved = set(p.trainable) | set(p.carried)  # transferred tensors travel with the run
 
         def on_best(ep) -> None:
-            state = {n: t.detach().clone() for n, t in p.model.named_parameters() if n in trained}
+            state = {n: t.detach().clone() for n, t in p.model.named_parameters() if n in saved}
             best.update(epoch=ep.epoch, state=state)
             save_weights(out / WEIGHTS, state)
 
-        t_train = time.perf_counter()
         validate = lambda: evaluate_split(p, cfg, "validation")[:2]
+        initial = validate()[0] if p.multi else None  # where each task starts: frozen heads are judged by it
+        plan = None
+        if p.multi:
+            plan = lambda epoch: plan_batches(p.data["train"], cfg.train.batch_size, sampler=cfg.sampler,
+                                              temperature=cfg.sampler_temperature, seed=cfg.seed + epoch,
+                                              bucket=cfg.train.bucket)
+        t_train = time.perf_counter()
         history = train(p.model, p.data["train"].lengths, batch_loss_fn(p), validate, cfg.train, lr=p.lr,
-                        seed=cfg.seed, metric=p.task.metric, on_best=on_best, progress=progress)
+                        seed=cfg.seed, metric=p.task.metric, on_best=on_best, progress=progress, plan=plan)
         train_seconds = time.perf_counter() - t_train
         p.model.load_state_dict(best["state"], strict=False)
         test, test_loss, outputs = evaluate_split(p, cfg, "test", progress=progress)
@@ -215,9 +328,9 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
             save_predictions(out / PREDICTIONS, p.data["test"], outputs)
     n_train, n_total = count_params(p.model, p.trainable)
     best_ep = history[best["epoch"] - 1]
+    kind = "generation" if p.generative else "multitask" if p.multi else "classification"
     record = {
-        "model": cfg.model, "task": p.task.name, "method": cfg.method, "metric": p.task.metric,
-        "kind": "generation" if p.generative else "classification",
+        "model": cfg.model, "task": p.task.name, "method": cfg.method, "metric": p.task.metric, "kind": kind,
         "test": test, "test_loss": test_loss, "validation": best_ep.val, "best_epoch": best["epoch"],
         "trainable_params": n_train, "total_params": n_total, "trainable_pct": 100 * n_train / n_total,
         "lr": p.lr, "train_rows": len(p.data["train"]), "test_rows": len(p.data["test"]),
@@ -226,9 +339,14 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         "time_per_epoch_s": [e.seconds for e in history],
         "tokens_per_s": sum(e.tokens for e in history) / max(1e-9, sum(e.seconds for e in history)),
         "peak_memory_mb": mem.peak_mb,
+        "cached_features": {"cut": next(iter(p.caches.values())).point, "seconds": cache_seconds} if p.caches else None,
         "history": [dataclasses.asdict(e) for e in history],
         "run_dir": str(out), "versions": versions(), "machine": machine(),
     }
+    if p.multi:
+        record["tasks"] = {t.name: t.metric for t in p.task.tasks}
+        record["initial_validation"] = initial
+        record["frozen"] = cfg.freeze
     save_json(out / METRICS, record)
     return record
 
@@ -239,7 +357,7 @@ def load_run(run_dir: str | Path, backbone: Backbone | None = None) -> tuple[Run
     if not run_dir.is_dir():
         raise PeftlabError(f"run directory '{run_dir}' does not exist")
     cfg = RunConfig.from_dict(load_json(run_dir / CONFIG))
-    p = prepare(cfg, backbone)
+    p = prepare(cfg, backbone, transfer=False)  # transferred tensors were saved with the run
     weights = load_weights(run_dir / WEIGHTS)
     missing = sorted(set(p.trainable) - set(weights))
     if missing:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from peftlab.batching import Encoded, batch_indices, collate
 from peftlab.errors import PeftlabError
+from peftlab.features import FeatureCache, logits_from_cache
 from peftlab.metrics import classification_metrics
 
 
@@ -90,48 +91,63 @@ def make_optimizer(model: nn.Module, lr: float, head_lr: float, weight_decay: fl
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
+Logits = Callable[[np.ndarray], torch.Tensor]  # example indices -> their (B, num_labels) logits
+
+
+def logits_fn(model: nn.Module, enc: Encoded, pad_id: int, side: str, cache: FeatureCache | None = None) -> Logits:
+    """How to get logits for some rows of a split: from tokens, or from cached features; rows of a
+    multi-task split are routed to their task's head."""
+    def logits(idx: np.ndarray) -> torch.Tensor:
+        route = {"task_ids": torch.as_tensor(enc.task_ids[idx])} if enc.task_ids is not None else {}
+        if cache is not None:
+            return logits_from_cache(model, cache, idx, side, **route)
+        b = collate(enc, idx, pad_id, side)
+        return model(b["input_ids"], b["attention_mask"], **route)
+    return logits
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int, side: str,
-            bucket: bool = True) -> tuple[np.ndarray, float]:
+def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, bucket: bool = True
+            ) -> tuple[np.ndarray, float]:
     """Logits for every example in the original order, and the mean cross-entropy."""
     was_training = model.training
     model.eval()
-    logits = None
+    out_all = None
     loss_sum = 0.0
     for idx in batch_indices(enc.lengths, batch_size, shuffle=False, bucket=bucket):
-        b = collate(enc, idx, pad_id, side)
-        out = model(b["input_ids"], b["attention_mask"]).float()
-        loss_sum += F.cross_entropy(out, b["labels"], reduction="sum").item()
-        if logits is None:
-            logits = np.zeros((len(enc), out.shape[-1]), dtype=np.float32)
-        logits[idx] = out.numpy()
+        out = logits(idx).float()
+        loss_sum += F.cross_entropy(out, torch.as_tensor(enc.labels[idx]), reduction="sum").item()
+        if out_all is None:
+            out_all = np.zeros((len(enc), out.shape[-1]), dtype=np.float32)
+        out_all[idx] = out.numpy()
     model.train(was_training)
-    return logits, loss_sum / max(1, len(enc))
+    return out_all, loss_sum / max(1, len(enc))
 
 
-def evaluate(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int, side: str) -> tuple[dict, float]:
+def evaluate(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int, side: str,
+             cache: FeatureCache | None = None) -> tuple[dict, float]:
     """Metrics (accuracy, macro-F1, MCC) and mean loss on one split."""
-    logits, loss = predict(model, enc, batch_size, pad_id, side)
+    logits, loss = predict(model, enc, logits_fn(model, enc, pad_id, side, cache), batch_size)
     return classification_metrics(logits.argmax(-1), enc.labels), loss
-
-
-def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
 
 
 def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarray], tuple[torch.Tensor, int]],
           validate: Callable[[], tuple[dict, float]], args: TrainArgs, *, lr: float, seed: int, metric: str,
-          on_best: Callable[[Epoch], None] = lambda e: None, progress: bool = True) -> list[Epoch]:
+          on_best: Callable[[Epoch], None] = lambda e: None, progress: bool = True,
+          plan: Callable[[int], list[np.ndarray]] | None = None) -> list[Epoch]:
     """Train the parameters that require grad; call `on_best` after each epoch that improves `metric`.
 
     The task enters through two functions: `batch_loss(indices)` gives the loss of those training
-    examples and their token count, `validate()` the validation metrics and loss.
+    examples and their token count, `validate()` the validation metrics and loss. `plan(epoch)`
+    gives an epoch's batches (default: shuffled, length-bucketed batches of all examples).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise PeftlabError("nothing to train: the method selected no parameters")
     opt = make_optimizer(model, lr, args.head_lr, args.weight_decay)
-    n_batches = math.ceil(len(lengths) / args.batch_size)
+    plan = plan or (lambda epoch: batch_indices(lengths, args.batch_size, shuffle=True, seed=seed + epoch,
+                                                bucket=args.bucket))
+    n_batches = len(plan(0))
     steps_per_epoch = math.ceil(n_batches / args.grad_accum)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.schedule, int(args.warmup_ratio * total), total))
@@ -139,7 +155,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
     best = -math.inf
     model.train()
     for epoch in range(args.epochs):
-        batches = batch_indices(lengths, args.batch_size, shuffle=True, seed=seed + epoch, bucket=args.bucket)
+        batches = plan(epoch)
         t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None if progress else True,
                    unit="batch", dynamic_ncols=True)

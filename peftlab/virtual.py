@@ -45,9 +45,20 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     if "inputs_embeds" not in kw:
         kw["input_ids"] = input_ids
     kw["attention_mask"] = mask
+    if getattr(model, "bidirectional", False):
+        kw["attention_mask"] = full_attention_mask(mask, n_new, arch.body.config, arch.embeddings.weight.dtype)
     if arch.causal:
         kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
     return kw, mask, pool_mask[:, -n_new:]
+
+
+def full_attention_mask(mask: torch.Tensor, n_query: int, config, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D mask that lets every query see every real key (no causal mask): a causal LM run
+    bidirectionally. Transformers passes a 4D mask through as given."""
+    allowed = mask[:, None, None, :].bool().expand(-1, 1, n_query, -1)
+    if config._attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def prefill(cache_kv: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:

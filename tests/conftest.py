@@ -89,3 +89,43 @@ def assert_rows_pool_as_alone(tokenizer, m) -> None:
             alone = tokenizer([t], return_tensors="pt")
             torch.testing.assert_close(together[i], m(alone["input_ids"], alone["attention_mask"])[0],
                                        atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def feature_cache_in_tmp(tmp_path, monkeypatch):
+    """Cached features go to the test's own folder, never the user's cache."""
+    import peftlab.features
+
+    monkeypatch.setattr(peftlab.features, "features_dir", lambda: tmp_path / "features")
+    return tmp_path / "features"
+
+
+@pytest.fixture
+def task_pair(tmp_path):
+    """Two folder tasks a tiny model can learn, of different sizes and label sets:
+    'fruit' (2 labels: a fruit word or not), 'colour' (3 labels: red / blue / no colour word)."""
+    import random
+
+    rng = random.Random(1)
+    filler = ["table", "river", "cloud", "stone", "music", "window", "garden", "paper", "train", "light"]
+
+    def rows(n, kind):
+        out = []
+        for _ in range(n):
+            words = rng.sample(filler, 4)
+            if kind == "fruit":
+                label = rng.choice(["fruit", "none"])
+                if label == "fruit":
+                    words.insert(rng.randrange(5), rng.choice(["apple", "banana", "cherry"]))
+            else:
+                label = rng.choice(["red", "blue", "none"])
+                if label != "none":
+                    words.insert(rng.randrange(5), {"red": rng.choice(["red", "crimson"]),
+                                                    "blue": rng.choice(["blue", "navy"])}[label])
+            out.append({"text": " ".join(words), "label": label})
+        return out
+
+    for name, n in (("fruit", 300), ("colour", 150)):
+        for split, k in (("train", n), ("validation", 90), ("test", 120)):
+            write_jsonl(tmp_path / name / f"{split}.jsonl", rows(k, name))
+    return str(tmp_path / "fruit"), str(tmp_path / "colour")

@@ -9,7 +9,7 @@ from peftlab.methods import MethodArgs, merge, parse_method, trainable_names, un
 from peftlab.methods.ia3 import IA3Layer
 from peftlab.models import load_backbone
 from peftlab.run import CONFIG, WEIGHTS, RunConfig, load_run, prepare
-from peftlab.train import predict
+from peftlab.train import logits_fn, predict
 from tests.conftest import adapted, fit
 
 HEAD = 64 * 2 + 2
@@ -126,7 +126,7 @@ def test_save_load_round_trip_gives_identical_logits(spec, toy_task, tmp_path):
     save_json(tmp_path / CONFIG, __import__("dataclasses").asdict(cfg))
     save_weights(tmp_path / WEIGHTS, trained)
     tok = p.backbone.tokenizer
-    want, _ = predict(p.model, p.data["test"], 8, tok.pad_token_id, tok.padding_side)
+    want, _ = predict(p.model, p.data["test"], logits_fn(p.model, p.data["test"], tok.pad_token_id, tok.padding_side), 8)
     _, q = load_run(tmp_path)
-    got, _ = predict(q.model, q.data["test"], 8, tok.pad_token_id, tok.padding_side)
+    got, _ = predict(q.model, q.data["test"], logits_fn(q.model, q.data["test"], tok.pad_token_id, tok.padding_side), 8)
     assert (got == want).all()

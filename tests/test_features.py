@@ -1,0 +1,83 @@
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftlab.features import POOLED, build_cache, cache_key, cut_point, logits_from_cache
+from peftlab.run import RunConfig, prepare, train_run
+from peftlab.train import TrainArgs
+from tests.conftest import adapted
+
+
+@pytest.mark.parametrize("name,spec,want", [
+    ("tiny-llama", "head", POOLED), ("tiny-llama", "last-1", 1), ("tiny-gpt2", "last-block+norm", 1),
+    ("tiny-bert", "last-1", 1), ("tiny-llama", "lora", None), ("tiny-llama", "prompt", None),
+    ("tiny-llama", "full", None), ("tiny-llama", "first-1", None), ("tiny-gpt2", "bias", None),
+])
+def test_cut_point_is_where_the_frozen_bottom_ends(name, spec, want):
+    _, m, _ = adapted(name, spec)
+    assert cut_point(m) == want
+
+
+@pytest.mark.parametrize("name,spec", [("tiny-llama", "head"), ("tiny-llama", "last-1"),
+                                       ("tiny-gpt2", "last-block+norm"), ("tiny-bert", "last-1")])
+def test_logits_from_the_cache_equal_the_full_forward(name, spec, toy_task):
+    p = prepare(RunConfig(model=name, task=toy_task, method=spec, eval_limit=40))
+    tok, enc = p.backbone.tokenizer, p.data["test"]
+    cache = build_cache(p.model, enc, tok, cut_point(p.model), batch_size=16, progress=False)
+    from peftlab.batching import collate
+
+    idx = torch.arange(len(enc)).numpy()[::3]
+    b = collate(enc, idx, tok.pad_token_id, tok.padding_side)
+    p.model.eval()
+    with torch.no_grad():
+        want = p.model(b["input_ids"], b["attention_mask"])
+        got = logits_from_cache(p.model, cache, idx, tok.padding_side)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,spec", [("tiny-llama", "last-1"), ("tiny-gpt2", "head"), ("tiny-bert", "last-1")])
+def test_training_from_the_cache_equals_training_end_to_end(name, spec, toy_task, tmp_path):
+    def run(cache: str):
+        cfg = RunConfig(model=name, task=toy_task, method=spec, out=str(tmp_path / cache), train_limit=120,
+                        eval_limit=60, cache_features=cache, train=TrainArgs(epochs=2, batch_size=16, lr=1e-3))
+        r = train_run(cfg, progress=False)
+        return r, load_file(str(tmp_path / cache / "trainable.safetensors"))
+    (r_cached, w_cached), (r_e2e, w_e2e) = run("auto"), run("off")
+    assert r_cached["cached_features"] is not None and r_e2e["cached_features"] is None
+    assert w_cached.keys() == w_e2e.keys()
+    for k in w_cached:
+        torch.testing.assert_close(w_cached[k], w_e2e[k], atol=1e-4, rtol=1e-4)
+    assert r_cached["test"]["accuracy"] == pytest.approx(r_e2e["test"]["accuracy"], abs=1 / 60 + 1e-9)
+
+
+def test_the_cache_is_keyed_by_model_data_and_pooling(toy_task, feature_cache_in_tmp):
+    cfg = RunConfig(model="tiny-llama", task=toy_task, method="head", eval_limit=20)
+    p = prepare(cfg)
+    tok, enc, point = p.backbone.tokenizer, p.data["test"], POOLED
+    key = cache_key(p.model, enc, tok, point)
+    assert cache_key(p.model, enc, tok, point) == key  # deterministic
+    first = build_cache(p.model, enc, tok, point, progress=False)
+    assert list(feature_cache_in_tmp.glob("*.safetensors")) == [feature_cache_in_tmp / f"{key}.safetensors"]
+    # a second build reads the file: the model is never run
+    calls = []
+    hook = p.model.body.register_forward_hook(lambda *a: calls.append(1))
+    again = build_cache(p.model, enc, tok, point, progress=False)
+    hook.remove()
+    assert not calls and torch.equal(again.hidden, first.hidden)
+    # data, pooling, cut point and weights each change the key
+    other_data = dataclasses.replace(enc, input_ids=[x[:-1] or x for x in enc.input_ids])
+    assert cache_key(p.model, other_data, tok, point) != key
+    p.model.pooling = "mean"
+    assert cache_key(p.model, enc, tok, point) != key
+    p.model.pooling = "last"
+    assert cache_key(p.model, enc, tok, point) == key and cache_key(p.model, enc, tok, 1) != key
+    with torch.no_grad():
+        p.model.body.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    assert cache_key(p.model, enc, tok, point) != key
+    # weights above the cut do not matter to a block cache; those below do
+    k1 = cache_key(p.model, enc, tok, 1)
+    with torch.no_grad():
+        p.model.body.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
+    assert cache_key(p.model, enc, tok, 1) == k1
