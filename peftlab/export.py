@@ -8,13 +8,21 @@ from torch import nn
 from peftlab.checkpoint import save_weights
 from peftlab.errors import PeftlabError
 from peftlab.methods import merge, parse_method
+from peftlab.multitask import TaskPrompts
 from peftlab.peft_format import save_adapter
 from peftlab.run import load_run
+
+
+def _one_adapter(cfg, p) -> None:
+    if cfg.per_task_adapters or isinstance(p.model.prompt, TaskPrompts):
+        raise PeftlabError(f"'{cfg.task}' trained one adapter or soft prompt per task; PEFT layout and merged "
+                           "weights hold one: train without per-task parts to export or merge")
 
 
 def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
     """Write a run's adapter in HF PEFT layout (adapter_config.json, adapter_model.safetensors, head)."""
     cfg, p = load_run(run_dir)
+    _one_adapter(cfg, p)
     method = parse_method(cfg.method, cfg.method_args)
     # a fresh parse is stateless: the loaded model already carries the method's modules
     save_adapter(out, method, p.model, p.backbone.model, p.trainable, cfg.model)
@@ -32,6 +40,7 @@ def unwrap(body: nn.Module) -> None:
 def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     """Fold a run's changes into the base weights and save a plain transformers model + its head."""
     cfg, p = load_run(run_dir)
+    _one_adapter(cfg, p)
     extra = sorted({n.split(".")[0] for n, _ in p.model.named_parameters()} - {"body", "head"})
     if extra:
         raise PeftlabError(f"'{cfg.method}' adds modules that do not fold into the base weights ({', '.join(extra)}); "

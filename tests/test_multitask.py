@@ -174,3 +174,14 @@ def test_per_task_lora_adapters_route_rows_and_train(task_pair, tmp_path):
     cfg = dataclasses.replace(cfg, out=str(tmp_path / "pta"), train=TrainArgs(epochs=4, batch_size=16, lr=1e-2))
     r = train_run(cfg, progress=False)
     assert r["test"]["fruit/accuracy"] >= 0.8 and r["test"]["colour/accuracy"] >= 0.8, r["test"]
+
+
+def test_per_task_parts_refuse_export_and_merge(task_pair, tmp_path):
+    from peftlab.export import export_adapter, merge_run
+
+    cfg = cfg_for(task_pair, tmp_path, method="lora", per_task_adapters=True, train_limit=30, eval_limit=20,
+                  train=TrainArgs(epochs=1, batch_size=16))
+    train_run(cfg, progress=False)
+    for f in (export_adapter, merge_run):
+        with pytest.raises(PeftlabError, match="one adapter or soft prompt per task"):
+            f(tmp_path / "mt", tmp_path / "x")
