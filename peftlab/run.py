@@ -288,7 +288,8 @@ def count_params(model: torch.nn.Module, names: list[str]) -> tuple[int, int]:
 
 def default_run_dir(cfg: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{Path(cfg.model).stem}-{Path(cfg.task).stem}-{cfg.method}-{stamp}".replace("+", "_")
+    tasks = "_".join(Path(t).stem for t in task_names(cfg))
+    name = f"{Path(cfg.model).stem}-{tasks}-{cfg.method}-{stamp}".replace("+", "_")
     return Path("runs") / name
 
 
