@@ -51,10 +51,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def load_json(path: str | Path) -> dict:
+    return _parse(path, json.loads, json.JSONDecodeError, "JSON", "'{path}' does not exist; is this a peftlab run directory?")
+
+
+def load_yaml(path: str | Path, what: str = "file"):
+    """A YAML document, with errors that name the file (`what`: e.g. 'method file')."""
+    import yaml
+
+    return _parse(path, yaml.safe_load, yaml.YAMLError, "YAML", f"{what} '{{path}}' does not exist")
+
+
+def _parse(path: str | Path, parse, error: type[Exception], fmt: str, missing: str):
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return parse(path.read_text())
     except FileNotFoundError as e:
-        raise PeftlabError(f"'{path}' does not exist; is this a peftlab run directory?") from e
-    except json.JSONDecodeError as e:
-        raise PeftlabError(f"'{path}' is not valid JSON ({e})") from e
+        raise PeftlabError(missing.format(path=path)) from e
+    except error as e:
+        raise PeftlabError(f"'{path}' is not valid {fmt} ({str(e).splitlines()[0]})") from e

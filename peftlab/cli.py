@@ -113,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     icl.add_argument("--max-length", type=int, default=1024, help="token budget of one prompt (default: 1024)")
     icl.add_argument("--out", default=None, help="folder for icl.json, icl.md, icl_curve.png")
 
+    ex = sub.add_parser("run", help="run an experiment file (defaults + grid); re-run to continue where it stopped")
+    ex.add_argument("experiment", help="a YAML file, e.g. experiments/spam_methods.yaml")
+    ex.add_argument("--out", default=None, help="experiment folder (default runs/<experiment name>)")
+
+    rs = sub.add_parser("runs", help="query an experiment's index of runs")
+    rs.add_argument("exp_dir", help="an experiment folder (holds index.sqlite)")
+    rs.add_argument("--where", action="append", default=[], help="key=value: a column (method, task, seed, "
+                    "status...) or a grid setting (lr, lora_r...); repeatable")
+    rs.add_argument("--sort", default=None, help="a column, e.g. metric (best first) or -s_per_epoch")
+
     sub.add_parser("models", help="list the embedded model names")
 
     i = sub.add_parser("inspect", help="show a model's blocks and parameter counts")
@@ -206,6 +216,19 @@ def cmd_icl(args) -> None:
             args.batch_size, args.max_length)
 
 
+def cmd_run(args) -> None:
+    from peftlab.lab import print_runs, run_experiment
+
+    rows = run_experiment(args.experiment, args.out)
+    print_runs(rows)
+
+
+def cmd_runs(args) -> None:
+    from peftlab.lab import print_runs, query
+
+    print_runs(query(args.exp_dir, args.where, args.sort))
+
+
 def cmd_models(args) -> None:
     from peftlab.models import EMBEDDED
 
@@ -219,7 +242,7 @@ def cmd_inspect(args) -> None:
     print(inspect_model(args.model))
 
 
-COMMANDS = {"icl": cmd_icl, "generate": cmd_generate, "train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "export": cmd_export,
+COMMANDS = {"run": cmd_run, "runs": cmd_runs, "icl": cmd_icl, "generate": cmd_generate, "train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "export": cmd_export,
             "merge": cmd_merge, "models": cmd_models, "inspect": cmd_inspect}
 
 if __name__ == "__main__":

@@ -103,6 +103,16 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @staticmethod
+    def join(parts: list["FeatureCache"]) -> "FeatureCache":
+        """Several caches (e.g. one per task) as one, rows in order."""
+        labels = np.concatenate([c.labels for c in parts])
+        if parts[0].offsets is None:
+            return FeatureCache(parts[0].point, torch.cat([c.hidden for c in parts]), None, labels)
+        starts = np.cumsum([0] + [len(c.hidden) for c in parts[:-1]])
+        offsets = np.concatenate([[0]] + [c.offsets[1:] + s for c, s in zip(parts, starts)])
+        return FeatureCache(parts[0].point, torch.cat([c.hidden for c in parts]), offsets, labels)
+
     def batch(self, idx: np.ndarray, side: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows `idx` as a padded (B, T, H) tensor and its (B, T) mask (pooled: (B, H), None)."""
         if self.offsets is None:

@@ -245,8 +245,17 @@ def attach_caches(p: Prepared, cfg: RunConfig, progress: bool = True) -> None:
     if point is None:
         return
     tok, weights = p.backbone.tokenizer, frozen_digest(p.model, point)
-    p.caches = {s: build_cache(p.model, e, tok, point, batch_size=cfg.train.eval_batch_size, weights=weights,
-                               desc=f"caching {s} features", progress=progress) for s, e in p.data.items()}
+
+    def cache(split: str, enc: Encoded) -> FeatureCache:
+        if enc.task_ids is None:
+            return build_cache(p.model, enc, tok, point, batch_size=cfg.train.eval_batch_size, weights=weights,
+                               desc=f"caching {split} features", progress=progress)
+        # per task: a multi-task run reuses each task's cache from single-task runs, and they its
+        parts = [dataclasses.replace(enc, input_ids=[enc.input_ids[i] for i in rows], labels=enc.labels[rows],
+                                     task_ids=None) for rows in map(np.flatnonzero, (enc.task_ids == k for k in
+                                                                                     np.unique(enc.task_ids)))]
+        return FeatureCache.join([cache(f"{split} ({t.name})", e) for t, e in zip(p.task.tasks, parts)])
+    p.caches = {s: cache(s, e) for s, e in p.data.items()}
 
 
 def evaluate_split(p: Prepared, cfg: RunConfig, split: str, progress: bool = False,
@@ -339,7 +348,7 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_seconds,
         "time_per_epoch_s": [e.seconds for e in history],
         "tokens_per_s": sum(e.tokens for e in history) / max(1e-9, sum(e.seconds for e in history)),
-        "peak_memory_mb": mem.peak_mb,
+        "peak_memory_mb": mem.peak_mb, "adapter_bytes": (out / WEIGHTS).stat().st_size,
         "cached_features": {"cut": next(iter(p.caches.values())).point, "seconds": cache_seconds} if p.caches else None,
         "history": [dataclasses.asdict(e) for e in history],
         "run_dir": str(out), "versions": versions(), "machine": machine(),

@@ -81,3 +81,18 @@ def test_the_cache_is_keyed_by_model_data_and_pooling(toy_task, feature_cache_in
     with torch.no_grad():
         p.model.body.layers[1].mlp.up_proj.weight[0, 0] += 1e-3
     assert cache_key(p.model, enc, tok, 1) == k1
+
+
+def test_a_multitask_run_reuses_each_tasks_cache(task_pair, tmp_path, feature_cache_in_tmp):
+    for t in task_pair:
+        train_run(RunConfig(model="tiny-llama", task=t, method="head", out=str(tmp_path / t.rsplit("/", 1)[-1] / "run"),
+                            train=TrainArgs(epochs=1)), progress=False)
+    files = sorted(feature_cache_in_tmp.glob("*.safetensors"))
+    assert len(files) == 6  # two tasks x three splits
+    r = train_run(RunConfig(model="tiny-llama", task=",".join(task_pair), method="head", out=str(tmp_path / "mt"),
+                            train=TrainArgs(epochs=1)), progress=False)
+    assert sorted(feature_cache_in_tmp.glob("*.safetensors")) == files and r["cached_features"]["cut"] == POOLED
+    # the joined cache routes each row right: the same test metrics as from tokens
+    off = train_run(RunConfig(model="tiny-llama", task=",".join(task_pair), method="head", out=str(tmp_path / "off"),
+                              cache_features="off", train=TrainArgs(epochs=1)), progress=False)
+    assert r["test"] == pytest.approx(off["test"], abs=1e-6)

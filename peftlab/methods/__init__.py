@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import yaml
 from torch import nn
 
+from peftlab.checkpoint import load_yaml
 from peftlab.errors import PeftlabError
 from peftlab.methods.adapters import PLACEMENTS, Adapters
 from peftlab.methods.ia3 import IA3
@@ -132,12 +132,7 @@ def parse_method(spec: str, args: MethodArgs | None = None) -> Method:
 
 
 def _parse_yaml(path: Path, args: MethodArgs) -> Method:
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError as e:
-        raise PeftlabError(f"method file '{path}' does not exist") from e
-    except yaml.YAMLError as e:
-        raise PeftlabError(f"method file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+    doc = load_yaml(path, "method file")
     items = doc.get("method") if isinstance(doc, dict) else None
     if not isinstance(items, list) or not items:
         raise PeftlabError(f"method file '{path}' needs a 'method:' list, e.g. [{{lora: {{lora_r: 8}}}}]")

@@ -1,0 +1,115 @@
+import json
+import sqlite3
+
+import pytest
+
+from peftlab.cli import main
+from peftlab.errors import PeftlabError
+from peftlab.lab import INDEX, Experiment, query, resolve, run_experiment
+
+
+def write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_the_grid_expands_over_the_defaults(tmp_path):
+    exp = Experiment.load(write(tmp_path / "e.yaml", """
+name: g
+defaults: {model: tiny-llama, task: sst2, epochs: 2, lora_r: 4, temperature: 0.5}
+grid: {method: [head, lora], seed: [0, 1, 2], lr: [0.001, 0.01]}
+"""))
+    cells = exp.cells(tmp_path / "out")
+    assert len(cells) == 12 and len({c.id for c in cells}) == 12
+    c = cells[0]
+    assert c.params == {"method": "head", "seed": 0, "lr": 0.001}
+    assert (c.config.train.epochs, c.config.train.lr, c.config.method_args.lora_r, c.config.decoding.temperature) \
+        == (2, 0.001, 4, 0.5)
+    assert c.run_dir.parent == tmp_path / "out" / "runs"
+    assert [x.id for x in exp.cells(tmp_path / "out")] == [x.id for x in cells]  # stable names
+
+
+@pytest.mark.parametrize("text,message", [
+    ("grid: {method: [head], colour: [1]}", "unknown setting"),
+    ("grid: {method: head}", "non-empty list"),
+    ("grid: {method: [nope]}", "unknown method"),
+    ("defaults: [1, 2]", "needs a mapping"),
+])
+def test_bad_experiment_files_fail_before_running(tmp_path, text, message):
+    with pytest.raises(PeftlabError, match=message):
+        Experiment.load(write(tmp_path / "e.yaml", text)).cells(tmp_path)
+
+
+def test_an_interrupted_experiment_resumes_and_the_index_matches_the_records(toy_task, tmp_path, monkeypatch):
+    path = write(tmp_path / "e.yaml", f"""
+name: toy
+defaults: {{model: tiny-gpt2, task: {toy_task}, epochs: 1, train_limit: 60, eval_limit: 40}}
+grid: {{method: [head, last-1, bias], seed: [0]}}
+""")
+    import peftlab.lab
+
+    real, calls = peftlab.lab.train_run, []
+
+    def interrupted(cfg, progress):  # the second cell dies as a killed process would
+        calls.append(cfg.method)
+        if cfg.method == "last-1":
+            raise KeyboardInterrupt
+        return real(cfg, progress=progress)
+    monkeypatch.setattr(peftlab.lab, "train_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(path, tmp_path / "exp", progress=False)
+    assert calls == ["head", "last-1"]
+    monkeypatch.setattr(peftlab.lab, "train_run", lambda cfg, progress: (calls.append(cfg.method), real(cfg, progress=progress))[1])
+    rows = run_experiment(path, tmp_path / "exp", progress=False)
+    assert calls == ["head", "last-1", "last-1", "bias"]  # head was not re-run
+    assert sorted(r["method"] for r in rows) == ["bias", "head", "last-1"] and {r["status"] for r in rows} == {"done"}
+    for r in rows:  # every index row says what the run's own record says
+        record = json.loads((tmp_path / "exp" / "runs" / r["id"] / "metrics.json").read_text())
+        assert r["value"] == record["test"][record["metric"]] and r["trainable_params"] == record["trainable_params"]
+        assert r["adapter_bytes"] == (tmp_path / "exp" / "runs" / r["id"] / "trainable.safetensors").stat().st_size
+    n = sqlite3.connect(tmp_path / "exp" / INDEX).execute("SELECT count(*) FROM runs").fetchone()[0]
+    assert n == 3
+    calls.clear()
+    run_experiment(path, tmp_path / "exp", progress=False)
+    assert calls == []  # all finished: nothing runs
+    assert [r["method"] for r in query(tmp_path / "exp", ["method=bias"])] == ["bias"]
+    best = query(tmp_path / "exp", sort="metric")
+    assert [r["value"] for r in best] == sorted((r["value"] for r in best), reverse=True)
+
+
+def test_a_failing_cell_is_recorded_and_the_rest_run(toy_task, tmp_path, capsys):
+    path = write(tmp_path / "e.yaml", f"""
+defaults: {{model: tiny-llama, task: {toy_task}, epochs: 1, train_limit: 40, eval_limit: 20}}
+grid: {{method: [head], lr: [-1.0, 0.01]}}
+""")
+    with pytest.raises(PeftlabError, match="--lr must be positive"):  # caught while expanding: nothing ran
+        run_experiment(path, tmp_path / "exp", progress=False)
+    path = write(tmp_path / "e.yaml", f"""
+defaults: {{model: tiny-llama, task: {toy_task}, epochs: 1, train_limit: 40, eval_limit: 20}}
+grid: {{method: [head], text_column: [nope, text]}}
+""")
+    assert main(["run", path, "--out", str(tmp_path / "exp2")]) == 0
+    rows = {r["params"]: r for r in query(tmp_path / "exp2")}
+    assert rows['{"method": "head", "text_column": "nope"}']["status"] == "failed"
+    assert "nope" in rows['{"method": "head", "text_column": "nope"}']["error"]
+    assert rows['{"method": "head", "text_column": "text"}']["status"] == "done"
+    assert main(["runs", str(tmp_path / "exp2"), "--where", "status=failed"]) == 0
+    assert "1 runs" in capsys.readouterr().out
+
+
+def test_resolve_refuses_unknown_keys():
+    with pytest.raises(PeftlabError, match="unknown setting"):
+        resolve({"modle": "x"})
+
+
+def test_several_grids_give_the_union_of_their_cells(tmp_path):
+    exp = Experiment.load(write(tmp_path / "e.yaml", """
+defaults: {model: tiny-llama, task: sst2}
+grid:
+  - {method: [lora], lora_r: [2, 4, 8]}
+  - {method: [prompt, lora], virtual_tokens: [10]}
+"""))
+    cells = exp.cells(tmp_path)
+    assert [c.params for c in cells] == [{"method": "lora", "lora_r": 2}, {"method": "lora", "lora_r": 4},
+                                         {"method": "lora", "lora_r": 8}, {"method": "prompt", "virtual_tokens": 10},
+                                         {"method": "lora", "virtual_tokens": 10}]
