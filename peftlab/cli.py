@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 import types
 import typing
 import warnings
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("experiment", help="a YAML file, e.g. experiments/spam_methods.yaml")
     ex.add_argument("--out", default=None, help="experiment folder (default runs/<experiment name>)")
 
+    rp = sub.add_parser("report", help="write an experiment's report: report.html, report.md, plots/*.png")
+    rp.add_argument("exp_dir", help="an experiment folder (holds index.sqlite)")
+
     rs = sub.add_parser("runs", help="query an experiment's index of runs")
     rs.add_argument("exp_dir", help="an experiment folder (holds index.sqlite)")
     rs.add_argument("--where", action="append", default=[], help="key=value: a column (method, task, seed, "
@@ -219,8 +223,20 @@ def cmd_icl(args) -> None:
 def cmd_run(args) -> None:
     from peftlab.lab import print_runs, run_experiment
 
+    from peftlab.report import write_report
+
     rows = run_experiment(args.experiment, args.out)
     print_runs(rows)
+    if any(r["status"] == "done" for r in rows):
+        md, page = write_report(Path(rows[0]["run_dir"]).parents[1])
+        print(f"report: {page} ({md})")
+
+
+def cmd_report(args) -> None:
+    from peftlab.report import write_report
+
+    md, page = write_report(args.exp_dir)
+    print(f"report: {page} ({md})")
 
 
 def cmd_runs(args) -> None:
@@ -242,7 +258,7 @@ def cmd_inspect(args) -> None:
     print(inspect_model(args.model))
 
 
-COMMANDS = {"run": cmd_run, "runs": cmd_runs, "icl": cmd_icl, "generate": cmd_generate, "train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "export": cmd_export,
+COMMANDS = {"run": cmd_run, "report": cmd_report, "runs": cmd_runs, "icl": cmd_icl, "generate": cmd_generate, "train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "export": cmd_export,
             "merge": cmd_merge, "models": cmd_models, "inspect": cmd_inspect}
 
 if __name__ == "__main__":

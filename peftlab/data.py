@@ -212,3 +212,13 @@ def subset(ds: Dataset, n: int | None, seed: int) -> Dataset:
     quota[np.argsort(-(counts / len(ds) * n - quota))[:rest]] += 1
     picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
     return ds.select(np.sort(np.concatenate(picked)))
+
+
+def per_class(ds: Dataset, k: int, seed: int) -> Dataset:
+    """A seeded few-shot subset: k rows of each label (all of a label's rows when it has fewer)."""
+    if k < 1:
+        raise PeftlabError(f"--train-per-class must be at least 1, got {k}")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(ds["label"])
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
+    return ds.select(np.sort(np.concatenate(picked)))

@@ -143,7 +143,7 @@ def index_row(cell: Cell, record: dict | None, error: str | None = None) -> dict
            "params": json.dumps(cell.params, default=str), "run_dir": str(cell.run_dir), "error": error}
     if record:
         epochs = record["time_per_epoch_s"]
-        row.update(metric=record["metric"], value=record["test"][record["metric"]],
+        row.update(task=record["task"], metric=record["metric"], value=record["test"][record["metric"]],
                    trainable_params=record["trainable_params"], trainable_pct=record["trainable_pct"],
                    peak_memory_mb=record["peak_memory_mb"], s_per_epoch=sum(epochs) / len(epochs),
                    tokens_per_s=record["tokens_per_s"], adapter_bytes=record.get("adapter_bytes"),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from peftlab.batching import Encoded, encode
 from peftlab.checkpoint import atomic_write_text, load_json, load_weights, save_json, save_weights
-from peftlab.data import Task, load_task, subset
+from peftlab.data import Task, load_task, per_class, subset
 from peftlab.errors import PeftlabError
 from peftlab.decode import Sampling, generate, trim_at_stop
 from peftlab.generation import GenTask, Pairs, collate_pairs, complete, encode_pairs, evaluate_generation, \
@@ -49,6 +49,8 @@ class RunConfig:
     text_column: str | None = field(default=None, metadata={"help": "text column of a local data file"})
     label_column: str | None = field(default=None, metadata={"help": "label column of a local data file"})
     train_limit: int | None = field(default=None, metadata={"help": "train on a seeded, stratified subset of N rows"})
+    train_per_class: int | None = field(default=None, metadata={"help": "few-shot: train on N seeded rows of each "
+                                                                "label (classification; overrides --train-limit)"})
     eval_limit: int | None = field(default=None, metadata={"help": "validate and test on N rows each"})
     max_length: int = field(default=256, metadata={"help": "truncate texts to this many tokens"})
     pooling: str = field(default="auto", metadata={"help": "auto, last, first or mean"})
@@ -106,7 +108,7 @@ class RunConfig:
             raise PeftlabError(f"--pooling '{self.pooling}' is unknown; valid: {', '.join(POOLINGS)}")
         if self.max_length < 2:
             raise PeftlabError(f"--max-length must be at least 2, got {self.max_length}")
-        for name in ("train_limit", "eval_limit"):
+        for name in ("train_limit", "eval_limit", "train_per_class"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise PeftlabError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
@@ -156,6 +158,8 @@ def prepare(cfg: RunConfig, backbone: Backbone | None = None, transfer: bool = T
         task = MultiTask([load_task(n, text_column=cfg.text_column, label_column=cfg.label_column, seed=cfg.seed)
                           for n in names])
     elif generative:
+        if cfg.train_per_class:
+            raise PeftlabError("--train-per-class needs labels; generation tasks take --train-limit")
         task = load_gen_task(cfg.task, input_column=cfg.input_column, target_column=cfg.target_column, seed=cfg.seed)
     else:
         task = load_task(cfg.task, text_column=cfg.text_column, label_column=cfg.label_column, seed=cfg.seed)
@@ -177,7 +181,10 @@ def prepare(cfg: RunConfig, backbone: Backbone | None = None, transfer: bool = T
         templates = [cfg.template or (t.template if words else "{text}") for t in tasks]
 
         def encode_split(t: Task, split: str, template: str) -> Encoded:
-            ds = subset(t.splits[split], limits[split], cfg.seed)
+            if split == "train" and cfg.train_per_class:
+                ds = per_class(t.splits[split], cfg.train_per_class, cfg.seed)
+            else:
+                ds = subset(t.splits[split], limits[split], cfg.seed)
             return encode(ds["text"], ds["label"], tok, cfg.max_length, f"{t.name} {split}", template)
         data = {split: join([encode_split(t, split, tpl) for t, tpl in zip(tasks, templates)])
                 for split in ("train", "validation", "test")}
@@ -333,7 +340,9 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
                         seed=cfg.seed, metric=p.task.metric, on_best=on_best, progress=progress, plan=plan)
         train_seconds = time.perf_counter() - t_train
         p.model.load_state_dict(best["state"], strict=False)
+        t_test = time.perf_counter()
         test, test_loss, outputs = evaluate_split(p, cfg, "test", progress=progress)
+        test_seconds = time.perf_counter() - t_test
         if outputs is not None:
             save_predictions(out / PREDICTIONS, p.data["test"], outputs)
     n_train, n_total = count_params(p.model, p.trainable)
@@ -346,7 +355,7 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         "lr": p.lr, "train_rows": len(p.data["train"]), "test_rows": len(p.data["test"]),
         "truncated_texts": {s: e.truncated for s, e in p.data.items()},
         "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_seconds,
-        "time_per_epoch_s": [e.seconds for e in history],
+        "time_per_epoch_s": [e.seconds for e in history], "test_time_s": test_seconds,
         "tokens_per_s": sum(e.tokens for e in history) / max(1e-9, sum(e.seconds for e in history)),
         "peak_memory_mb": mem.peak_mb, "adapter_bytes": (out / WEIGHTS).stat().st_size,
         "cached_features": {"cut": next(iter(p.caches.values())).point, "seconds": cache_seconds} if p.caches else None,

@@ -113,3 +113,38 @@ grid:
     assert [c.params for c in cells] == [{"method": "lora", "lora_r": 2}, {"method": "lora", "lora_r": 4},
                                          {"method": "lora", "lora_r": 8}, {"method": "prompt", "virtual_tokens": 10},
                                          {"method": "lora", "virtual_tokens": 10}]
+
+
+def test_report_of_a_small_experiment(toy_task, tmp_path, capsys):
+    from peftlab.report import pareto
+
+    path = write(tmp_path / "e.yaml", f"""
+name: small
+defaults: {{model: tiny-gpt2, task: {toy_task}, epochs: 2, train_limit: 60, eval_limit: 40}}
+grid:
+  - {{method: [head, full], seed: [0, 1]}}
+  - {{method: [lora], lr: [0.001, 0.003, 0.01]}}
+""")
+    assert main(["run", path, "--out", str(tmp_path / "exp")]) == 0
+    assert "report:" in capsys.readouterr().out
+    exp = tmp_path / "exp"
+    pngs = sorted(p.name for p in (exp / "plots").glob("*.png"))
+    assert pngs == ["losses.png", "metric.png", "pareto.png", "sweep_lr.png"]
+    for p in (exp / "plots").glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    page = (exp / "report.html").read_text()
+    for row in query(exp):
+        assert row["id"] in page
+    assert page.count("data:image/png;base64,") == 4 and "Cost relative to full fine-tuning" in page
+    md = (exp / "report.md").read_text()
+    assert "± " in md and "plots/pareto.png" in md
+    assert pareto([(10, 0.5), (5, 0.6), (20, 0.7), (8, 0.4)]) == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["spam_methods", "few_shot", "xsum", "multitask"])
+def test_the_ready_made_experiments_expand(name, tmp_path):
+    from pathlib import Path
+
+    exp = Experiment.load(Path(__file__).parents[1] / "experiments" / f"{name}.yaml")
+    cells = exp.cells(tmp_path)
+    assert cells and len({c.id for c in cells}) == len(cells)

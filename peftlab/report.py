@@ -1,0 +1,260 @@
+"""The report of an experiment: one table, a cost table and plots, as Markdown and as a
+self-contained HTML page (plots inlined), read from the experiment's SQLite index.
+
+    peftlab report runs/spam-methods      -> report.html, report.md, plots/*.png in that folder
+
+Runs that differ only in their seed are one row: the metric is shown as mean ± std over seeds.
+"""
+
+import base64
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from peftlab.checkpoint import atomic_write_text
+from peftlab.errors import PeftlabError
+from peftlab.lab import query
+from peftlab.run import fmt_params
+
+PLOTS = "plots"
+
+
+def _figure(w: float = 6.4, h: float = 4.0):
+    # Figure + the Agg canvas, not pyplot: no global backend switch, nothing left open
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _scale(metric: str) -> float:
+    return 1.0 if metric in ("rouge1", "rouge2", "rougeL", "exact_match", "token_f1") else 100.0
+
+
+def _label(params: dict, skip: tuple[str, ...] = ("seed",)) -> str:
+    return ", ".join(f"{k}={v}" if k != "method" else str(v) for k, v in params.items() if k not in skip) or "run"
+
+
+def group(rows: list[dict]) -> list[dict]:
+    """Finished runs grouped by their settings except the seed: mean and std of each figure."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        params = json.loads(r["params"])
+        key = json.dumps({"model": r["model"], "task": r["task"], **{k: v for k, v in params.items() if k != "seed"}})
+        groups[key].append(r)
+    out = []
+    for key, rs in groups.items():
+        values = np.array([r["value"] for r in rs]) * _scale(rs[0]["metric"])
+        out.append({
+            "settings": json.loads(key), "label": _label(json.loads(rs[0]["params"])), "runs": [r["id"] for r in rs],
+            "metric": rs[0]["metric"], "mean": float(values.mean()), "std": float(values.std()), "n": len(rs),
+            "trainable_params": rs[0]["trainable_params"], "trainable_pct": rs[0]["trainable_pct"],
+            "peak_memory_mb": float(np.mean([r["peak_memory_mb"] for r in rs])),
+            "s_per_epoch": float(np.mean([r["s_per_epoch"] for r in rs])),
+            "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rs])),
+            "adapter_bytes": rs[0]["adapter_bytes"],
+            "eval_s": float(np.mean([json.loads(r["record"]).get("test_time_s", np.nan) for r in rs])),
+            "records": [json.loads(r["record"]) for r in rs],
+        })
+    return out
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def results_table(groups: list[dict]) -> tuple[list[str], list[list[str]]]:
+    cols = ["settings", "task", "metric", "mean ± std", "seeds", "trainable", "%", "peak MiB", "s/epoch", "tok/s",
+            "adapter"]
+    rows = [[g["label"], g["settings"]["task"], g["metric"], f"{g['mean']:.1f} ± {g['std']:.1f}", str(g["n"]),
+             fmt_params(g["trainable_params"]), f"{g['trainable_pct']:.2f}", f"{g['peak_memory_mb']:.0f}",
+             f"{g['s_per_epoch']:.1f}", f"{g['tokens_per_s']:.0f}", _size(g["adapter_bytes"])] for g in groups]
+    return cols, rows
+
+
+def cost_table(groups: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """Training (s/epoch) and inference (test-set evaluation time) relative to full fine-tuning
+    on the same task, when the experiment has a full fine-tuning run to compare with."""
+    cols = ["settings", "task", "train cost vs full", "inference cost vs full", "memory vs full"]
+    rows = []
+    for g in groups:
+        full = next((f for f in groups if f["settings"].get("method") == "full"
+                     and f["settings"]["task"] == g["settings"]["task"]), None)
+        if full is None:
+            continue
+        rows.append([g["label"], g["settings"]["task"], f"{g['s_per_epoch'] / full['s_per_epoch']:.2f}x",
+                     f"{g['eval_s'] / full['eval_s']:.2f}x" if np.isfinite(g["eval_s"] / full["eval_s"]) else "-",
+                     f"{g['peak_memory_mb'] / full['peak_memory_mb']:.2f}x"])
+    return (cols, rows) if rows else None
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+def plot_losses(groups: list[dict], path: Path) -> Path:
+    fig = _figure(10, 4)
+    axes = fig.subplots(1, 2)
+    for g in groups:
+        h = g["records"][0]["history"]
+        epochs = [e["epoch"] for e in h]
+        line, = axes[0].plot(epochs, [e["train_loss"] for e in h], marker="o", label=g["label"])
+        axes[1].plot(epochs, [e["val_loss"] for e in h], marker="o", color=line.get_color())
+    for ax, what in zip(axes, ("training", "validation")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{what} loss")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("loss per epoch (first seed of each setting)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def plot_metric(groups: list[dict], path: Path) -> Path:
+    fig = _figure(max(6.4, 0.7 * len(groups) + 2), 4.2)
+    ax = fig.add_subplot()
+    x = np.arange(len(groups))
+    ax.bar(x, [g["mean"] for g in groups], yerr=[g["std"] for g in groups], capsize=4, color="#4C78A8")
+    ax.set_xticks(x, [g["label"] for g in groups], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"test {groups[0]['metric']} (%)")
+    ax.set_title("test metric by setting (mean ± std over seeds)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other beats on both: fewer parameters and a higher metric."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -np.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(groups: list[dict], path: Path) -> Path:
+    fig = _figure()
+    ax = fig.add_subplot()
+    pts = [(max(1, g["trainable_params"]), g["mean"]) for g in groups]
+    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[g["std"] for g in groups], fmt="o", capsize=3)
+    for g, (x, y) in zip(groups, pts):
+        ax.annotate(g["label"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front = [pts[i] for i in pareto(pts)]
+    ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#E45756", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel(f"test {groups[0]['metric']} (%)")
+    ax.set_title("quality against trainable parameters", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def sweeps(groups: list[dict]) -> dict[str, list[dict]]:
+    """Settings swept over three or more numeric values (lr, lora_r, virtual_tokens, temperature, ...)."""
+    found: dict[str, list[dict]] = {}
+    keys = {k for g in groups for k in g["settings"]} - {"model", "task", "method"}
+    for k in sorted(keys):
+        values = {g["settings"][k] for g in groups if isinstance(g["settings"].get(k), (int, float))}
+        if len(values) >= 3:
+            found[k] = [g for g in groups if k in g["settings"]]
+    return found
+
+
+def plot_sweep(key: str, groups: list[dict], path: Path) -> Path:
+    fig = _figure()
+    ax = fig.add_subplot()
+    lines: dict[str, list[dict]] = defaultdict(list)
+    for g in groups:
+        lines[_label({k: v for k, v in g["settings"].items() if k not in ("model", key)})].append(g)
+    for name, gs in lines.items():
+        gs = sorted(gs, key=lambda g: g["settings"][key])
+        ax.errorbar([g["settings"][key] for g in gs], [g["mean"] for g in gs], yerr=[g["std"] for g in gs],
+                    marker="o", capsize=3, label=name)
+    values = sorted({g["settings"][key] for g in groups})
+    if values[0] > 0 and values[-1] / values[0] >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"test {groups[0]['metric']} (%)")
+    ax.set_title(f"sweep of {key}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+# -- the documents ---------------------------------------------------------------------------
+
+def _md_table(cols: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] +
+                     ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def _html_table(cols: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f0f3f7}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.5em 0}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:1.6em}.small{color:#666;font-size:13px}"""
+
+
+def write_report(exp_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.md, report.html and plots/*.png into the experiment folder; returns the two documents."""
+    exp_dir = Path(exp_dir)
+    rows = query(exp_dir)
+    done, failed = [r for r in rows if r["status"] == "done"], [r for r in rows if r["status"] != "done"]
+    if not done:
+        raise PeftlabError(f"'{exp_dir}' has no finished run to report; run the experiment first")
+    groups = group(done)
+    (exp_dir / PLOTS).mkdir(exist_ok=True)
+    plots = {"metric by setting": plot_metric(groups, exp_dir / PLOTS / "metric.png"),
+             "metric vs trainable parameters": plot_pareto(groups, exp_dir / PLOTS / "pareto.png"),
+             "loss curves": plot_losses(groups, exp_dir / PLOTS / "losses.png")}
+    for key, gs in sweeps(groups).items():
+        plots[f"sweep: {key}"] = plot_sweep(key, gs, exp_dir / PLOTS / f"sweep_{key}.png")
+    cols, table = results_table(groups)
+    cost = cost_table(groups)
+    machine = json.loads(done[0]["record"]).get("machine", {})
+    title = f"peftlab report: {exp_dir.name}"
+    runs = [[r["id"], r["status"], r["method"], r["task"], str(r["seed"]),
+             f"{r['value']:.4f}" if r["status"] == "done" else (r["error"] or "")[:80]] for r in rows]
+    run_cols = ["run", "status", "method", "task", "seed", "test metric / error"]
+
+    md = [f"# {title}\n", f"{len(done)} finished runs, {len(failed)} failed; machine: {machine}\n",
+          "## Results\n", _md_table(cols, table)]
+    if cost:
+        md += ["## Cost relative to full fine-tuning (measured)\n", _md_table(*cost)]
+    md += [f"## {name}\n\n![{name}]({PLOTS}/{p.name})\n" for name, p in plots.items()]
+    md += ["## Runs\n", _md_table(run_cols, runs)]
+    md_path = exp_dir / "report.md"
+    atomic_write_text(md_path, "\n".join(md))
+
+    img = lambda p: f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f"<p class=small>{len(done)} finished runs, {len(failed)} failed; machine: {html.escape(str(machine))}</p>",
+            "<h2>Results</h2>", _html_table(cols, table)]
+    if cost:
+        body += ["<h2>Cost relative to full fine-tuning (measured)</h2>", _html_table(*cost)]
+    body += [f"<h2>{html.escape(name)}</h2>{img(p)}" for name, p in plots.items()]
+    body += ["<h2>Runs</h2>", _html_table(run_cols, runs)]
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
+    html_path = exp_dir / "report.html"
+    atomic_write_text(html_path, page)
+    return md_path, html_path
