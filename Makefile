@@ -17,9 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/peftlab compare --model smollm2-135m --task sms_spam \
-		--methods head,last-block+norm,full --train-limit 400 --eval-limit 300 --epochs 2 \
-		--out runs/demo
+	$(VENV)/bin/peftlab run experiments/spam_methods.yaml --out runs/demo
 
 # The report's browser test needs Debian's chromium; installed here when absent (best effort).
 CHROMIUM := $(shell command -v chromium 2>/dev/null)

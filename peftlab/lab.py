@@ -27,9 +27,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from peftlab.checkpoint import load_json, load_yaml
+from peftlab.checkpoint import load_json, load_yaml, save_json
 from peftlab.decode import Sampling
 from peftlab.errors import PeftlabError
+from peftlab.measure import PeakMemory, machine, versions
 from peftlab.methods import MethodArgs, parse_method
 from peftlab.run import CONFIG, METRICS, RunConfig, fmt_params, train_run
 from peftlab.train import TrainArgs
@@ -66,6 +67,7 @@ class Cell:
     params: dict
     config: RunConfig
     run_dir: Path
+    shots: int = 0  # in-context cells (method icl): support examples per prompt
 
     @property
     def id(self) -> str:
@@ -101,16 +103,19 @@ class Experiment:
         Several grids (a list) give the union of their cells: sweeps that do not multiply."""
         cells, seen = [], set()
         for params in (dict(zip(g, values)) for g in self.grids for values in itertools.product(*g.values())):
-            cfg = resolve({**self.defaults, **params})
-            parse_method(cfg.method, cfg.method_args)
-            digest = hashlib.blake2b(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode(),
-                                     digest_size=5).hexdigest()
+            flat = {**self.defaults, **params}
+            shots = flat.pop("shots", 0)
+            cfg = resolve(flat)
+            if cfg.method != "icl":  # in-context cells train nothing: no method to check
+                parse_method(cfg.method, cfg.method_args)
+            digest = hashlib.blake2b(json.dumps([dataclasses.asdict(cfg), shots], sort_keys=True,
+                                                default=str).encode(), digest_size=5).hexdigest()
             if digest in seen:  # the same run named by two grids
                 continue
             seen.add(digest)
             slug = "-".join(str(v) for v in params.values()).replace("/", "_").replace("+", "_").replace(",", "_")
             cfg.out = str(out / "runs" / f"{slug[:60]}-{digest}")
-            cells.append(Cell(params, cfg, Path(cfg.out)))
+            cells.append(Cell(params, cfg, Path(cfg.out), shots))
         return cells
 
 
@@ -142,7 +147,7 @@ def index_row(cell: Cell, record: dict | None, error: str | None = None) -> dict
            "task": cell.config.task, "method": cell.config.method, "seed": cell.config.seed,
            "params": json.dumps(cell.params, default=str), "run_dir": str(cell.run_dir), "error": error}
     if record:
-        epochs = record["time_per_epoch_s"]
+        epochs = record["time_per_epoch_s"] or [0.0]
         row.update(task=record["task"], metric=record["metric"], value=record["test"][record["metric"]],
                    trainable_params=record["trainable_params"], trainable_pct=record["trainable_pct"],
                    peak_memory_mb=record["peak_memory_mb"], s_per_epoch=sum(epochs) / len(epochs),
@@ -187,6 +192,29 @@ def query(exp_dir: str | Path, where: list[str] = (), sort: str | None = None) -
 
 # -- running ---------------------------------------------------------------------------------
 
+def icl_cell(cell: Cell) -> dict:
+    """An in-context cell (method: icl, shots: k): one support draw, no training; a run record
+    in the same form as a trained run's, so tables and plots take it beside them."""
+    from peftlab.icl import run_icl
+
+    cfg, t0 = cell.config, time.perf_counter()
+    with PeakMemory() as mem:
+        r = run_icl(cfg.model, cfg.task, [cell.shots], repeats=1, limit=cfg.eval_limit, seed=cfg.seed,
+                    out_dir=cell.run_dir, batch_size=cfg.train.eval_batch_size, progress=False)[0]
+    record = {
+        "model": cfg.model, "task": r["task"], "method": "icl", "metric": r["metric"], "shots": cell.shots,
+        "kind": "generation" if r["percent"] else "classification",
+        "test": {m: v["mean"] for m, v in r["metrics"].items()}, "validation": {}, "history": [],
+        "trainable_params": 0, "trainable_pct": 0.0, "train_rows": 0, "test_rows": r["rows"],
+        "time_per_epoch_s": [], "test_time_s": r["seconds"], "tokens_per_s": 0.0, "adapter_bytes": 0,
+        "peak_memory_mb": mem.peak_mb, "wall_time_s": time.perf_counter() - t0, "run_dir": str(cell.run_dir),
+        "versions": versions(), "machine": machine(),
+    }
+    save_json(cell.run_dir / CONFIG, dataclasses.asdict(cfg))
+    save_json(cell.run_dir / METRICS, record)
+    return record
+
+
 def progress_table(cells: list[Cell], status: dict[str, str], started: float, durations: list[float]) -> Table:
     counts = {s: sum(v == s for v in status.values()) for s in ("done", "skipped", "running", "failed", "waiting")}
     left = counts["waiting"] + counts["running"]
@@ -228,7 +256,8 @@ def run_experiment(path: str | Path, out: str | Path | None = None, progress: bo
             try:
                 if (c.run_dir / METRICS).exists():  # finished under another config: start over
                     (c.run_dir / METRICS).unlink()
-                upsert(db, index_row(c, train_run(c.config, progress=False)))
+                record = icl_cell(c) if c.config.method == "icl" else train_run(c.config, progress=False)
+                upsert(db, index_row(c, record))
                 status[c.id] = "done"
             except PeftlabError as e:
                 upsert(db, index_row(c, None, str(e)))

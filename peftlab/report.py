@@ -102,6 +102,8 @@ def plot_losses(groups: list[dict], path: Path) -> Path:
     axes = fig.subplots(1, 2)
     for g in groups:
         h = g["records"][0]["history"]
+        if not h:  # in-context cells train nothing
+            continue
         epochs = [e["epoch"] for e in h]
         line, = axes[0].plot(epochs, [e["train_loss"] for e in h], marker="o", label=g["label"])
         axes[1].plot(epochs, [e["val_loss"] for e in h], marker="o", color=line.get_color())

@@ -83,6 +83,8 @@ class RunConfig:
     cache_features: Literal["auto", "off"] = field(
         default="auto", metadata={"help": "auto: when the bottom of the network is frozen, compute its features once "
                                   "and train the top from a disk cache"})
+    tensorboard: bool = field(default=False, metadata={"help": "log loss, learning rate and validation metrics "
+                                                       "to <run dir>/tensorboard (pip install tensorboard)"})
     seed: int = field(default=0, metadata={"help": "seeds data order, subsets and head init"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<model>-<task>-<method>-<time>)"})
     train: TrainArgs = field(default_factory=TrainArgs)
@@ -335,10 +337,14 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
             plan = lambda epoch: plan_batches(p.data["train"], cfg.train.batch_size, sampler=cfg.sampler,
                                               temperature=cfg.sampler_temperature, seed=cfg.seed + epoch,
                                               bucket=cfg.train.bucket)
+        log = TensorBoard(out) if cfg.tensorboard else None
         t_train = time.perf_counter()
         history = train(p.model, p.data["train"].lengths, batch_loss_fn(p), validate, cfg.train, lr=p.lr,
-                        seed=cfg.seed, metric=p.task.metric, on_best=on_best, progress=progress, plan=plan)
+                        seed=cfg.seed, metric=p.task.metric, on_best=on_best, progress=progress, plan=plan,
+                        **(log.hooks() if log else {}))
         train_seconds = time.perf_counter() - t_train
+        if log:
+            log.close()
         p.model.load_state_dict(best["state"], strict=False)
         t_test = time.perf_counter()
         test, test_loss, outputs = evaluate_split(p, cfg, "test", progress=progress)
@@ -368,6 +374,33 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         record["frozen"] = cfg.freeze
     save_json(out / METRICS, record)
     return record
+
+
+class TensorBoard:
+    """Training curves for TensorBoard: loss and learning rate per step, metrics per epoch."""
+
+    def __init__(self, out: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise PeftlabError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def hooks(self) -> dict:
+        return {"on_step": self.step, "on_epoch": self.epoch}
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/lr", lr, step)
+
+    def epoch(self, ep) -> None:
+        self.writer.add_scalar("epoch/train_loss", ep.train_loss, ep.epoch)
+        self.writer.add_scalar("epoch/val_loss", ep.val_loss, ep.epoch)
+        for k, v in ep.val.items():
+            self.writer.add_scalar(f"val/{k}", v, ep.epoch)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def load_run(run_dir: str | Path, backbone: Backbone | None = None) -> tuple[RunConfig, Prepared]:

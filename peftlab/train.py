@@ -134,12 +134,15 @@ def evaluate(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int, side:
 def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarray], tuple[torch.Tensor, int]],
           validate: Callable[[], tuple[dict, float]], args: TrainArgs, *, lr: float, seed: int, metric: str,
           on_best: Callable[[Epoch], None] = lambda e: None, progress: bool = True,
-          plan: Callable[[int], list[np.ndarray]] | None = None) -> list[Epoch]:
+          plan: Callable[[int], list[np.ndarray]] | None = None,
+          on_step: Callable[[int, float, float], None] = lambda step, loss, lr: None,
+          on_epoch: Callable[[Epoch], None] = lambda e: None) -> list[Epoch]:
     """Train the parameters that require grad; call `on_best` after each epoch that improves `metric`.
 
     The task enters through two functions: `batch_loss(indices)` gives the loss of those training
     examples and their token count, `validate()` the validation metrics and loss. `plan(epoch)`
     gives an epoch's batches (default: shuffled, length-bucketed batches of all examples).
+    `on_step(step, loss, lr)` and `on_epoch(epoch)` see every optimizer step and epoch (logging).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -169,6 +172,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 opt.step()
+                on_step(sched.last_epoch, loss.item(), sched.get_last_lr()[0])
                 sched.step()
                 opt.zero_grad(set_to_none=True)
             loss_sum += loss.item()
@@ -178,6 +182,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
         val, val_loss = validate()
         ep = Epoch(epoch + 1, loss_sum / len(batches), val_loss, val, seconds, tokens)
         history.append(ep)
+        on_epoch(ep)
         if progress:
             tqdm.write(f"epoch {ep.epoch}: train loss {ep.train_loss:.4f}  val loss {val_loss:.4f}  "
                        f"val {metric} {val[metric]:.4f}  ({seconds:.1f}s, {tokens / seconds:.0f} tok/s)")

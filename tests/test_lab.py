@@ -148,3 +148,20 @@ def test_the_ready_made_experiments_expand(name, tmp_path):
     exp = Experiment.load(Path(__file__).parents[1] / "experiments" / f"{name}.yaml")
     cells = exp.cells(tmp_path)
     assert cells and len({c.id for c in cells}) == len(cells)
+
+
+def test_in_context_cells_run_beside_trained_ones(toy_task, tmp_path):
+    path = write(tmp_path / "e.yaml", f"""
+defaults: {{model: tiny-llama, task: {toy_task}, epochs: 1, train_limit: 40, eval_limit: 30}}
+grid:
+  - {{method: [head]}}
+  - {{method: [icl], shots: [0, 2]}}
+""")
+    rows = run_experiment(path, tmp_path / "exp", progress=False)
+    icl = sorted((json.loads(r["params"]).get("shots"), r) for r in rows if r["method"] == "icl")
+    assert [k for k, _ in icl] == [0, 2] and all(r["status"] == "done" for _, r in icl)
+    assert all(r["trainable_params"] == 0 and 0 <= r["value"] <= 1 for _, r in icl)
+    from peftlab.report import write_report
+
+    md, page = write_report(tmp_path / "exp")
+    assert "icl, shots=2" in md.read_text()

@@ -73,3 +73,16 @@ def test_a_diverging_run_stops_with_a_clear_error(toy_task, tmp_path):
                     train=TrainArgs(epochs=1, lr=1e30, head_lr=1e30, max_grad_norm=0, warmup_ratio=0))
     with pytest.raises(PeftlabError, match="the loss became .* at epoch 1, batch"):
         train_run(cfg, progress=False)
+
+
+def test_tensorboard_logs_steps_and_epochs(toy_task, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = RunConfig(model="tiny-llama", task=toy_task, method="head", out=str(tmp_path / "run"), train_limit=64,
+                    eval_limit=20, tensorboard=True, train=TrainArgs(epochs=2, batch_size=16))
+    train_run(cfg, progress=False)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "epoch/val_loss", "val/accuracy"} <= set(tags)
+    assert len(acc.Scalars("train/loss")) == 8 and len(acc.Scalars("val/accuracy")) == 2  # 4 steps x 2 epochs
