@@ -159,13 +159,21 @@ def task_weights(sizes: list[int], sampler: str, temperature: float) -> np.ndarr
     return w / w.sum()
 
 
+def learning_tasks(model: nn.Module, trainable: list[str]) -> list[int]:
+    """The tasks whose loss reaches a trainable parameter: all, unless the body is frozen and
+    some heads are too (a frozen head on frozen features has nothing to learn from)."""
+    if any(not n.startswith("head.") for n in trainable):
+        return list(range(len(model.task_names)))
+    return [k for k, t in enumerate(model.task_names) if any(n.startswith(f"head.{t}.") for n in trainable)]
+
+
 def plan_batches(enc: Encoded, batch_size: int, *, sampler: str, temperature: float, seed: int,
-                 bucket: bool = True) -> list[np.ndarray]:
+                 bucket: bool = True, tasks: list[int] | None = None) -> list[np.ndarray]:
     """One epoch of single-task batches (as many as the tasks' batches in all), tasks drawn by
     the sampler. Proportional takes every batch once; the others repeat small tasks' batches
-    and leave some of the large ones' out."""
+    and leave some of the large ones' out. `tasks`: train on these task indices only."""
     rng = np.random.default_rng(seed)
-    names = np.unique(enc.task_ids)
+    names = np.unique(enc.task_ids) if tasks is None else np.asarray(tasks)
     per_task = []
     for k in names:
         rows = np.flatnonzero(enc.task_ids == k)

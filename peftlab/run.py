@@ -32,7 +32,8 @@ from peftlab.heads import POOLINGS, Classifier, LanguageModel
 from peftlab.measure import PeakMemory, machine, versions
 from peftlab.methods import MethodArgs, parse_method, set_trainable, trainable_names
 from peftlab.models import Backbone, load_backbone
-from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join, multi_metrics, plan_batches
+from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join, learning_tasks, multi_metrics, \
+    plan_batches
 from peftlab.train import TrainArgs, evaluate, logits_fn, predict, train
 
 CONFIG, METRICS, WEIGHTS = "config.json", "metrics.json", "trainable.safetensors"
@@ -334,9 +335,10 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         initial = validate()[0] if p.multi else None  # where each task starts: frozen heads are judged by it
         plan = None
         if p.multi:
+            tasks = learning_tasks(p.model, p.trainable)
             plan = lambda epoch: plan_batches(p.data["train"], cfg.train.batch_size, sampler=cfg.sampler,
                                               temperature=cfg.sampler_temperature, seed=cfg.seed + epoch,
-                                              bucket=cfg.train.bucket)
+                                              bucket=cfg.train.bucket, tasks=tasks)
         log = TensorBoard(out) if cfg.tensorboard else None
         t_train = time.perf_counter()
         history = train(p.model, p.data["train"].lengths, batch_loss_fn(p), validate, cfg.train, lr=p.lr,

@@ -167,7 +167,8 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
             if not torch.isfinite(loss):
                 raise PeftlabError(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; "
                                    "lower --lr (or --head-lr) or keep --max-grad-norm on")
-            (loss / args.grad_accum).backward()
+            if loss.requires_grad:  # a batch whose loss reaches no trainable parameter teaches nothing
+                (loss / args.grad_accum).backward()
             if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

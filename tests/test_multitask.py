@@ -185,3 +185,21 @@ def test_per_task_parts_refuse_export_and_merge(task_pair, tmp_path):
     for f in (export_adapter, merge_run):
         with pytest.raises(PeftlabError, match="one adapter or soft prompt per task"):
             f(tmp_path / "mt", tmp_path / "x")
+
+
+def test_a_new_task_trains_alone_when_the_rest_is_frozen(task_pair, tmp_path):
+    """Transfer: add a task to a finished run, keep the backbone and the old head frozen."""
+    fruit, colour = task_pair
+    src = train_run(RunConfig(model="tiny-llama", task=fruit, method="head", out=str(tmp_path / "src"),
+                              train=TrainArgs(epochs=1)), progress=False)
+    cfg = cfg_for(task_pair, tmp_path, method="head", freeze="backbone,head:fruit", init_from=str(tmp_path / "src"),
+                  out="add", train=TrainArgs(epochs=2, batch_size=16))
+    p = prepare(cfg)
+    from peftlab.multitask import learning_tasks
+
+    assert learning_tasks(p.model, p.trainable) == [1]  # fruit's batches would teach nothing
+    r = train_run(cfg, progress=False)
+    assert r["test"]["fruit/accuracy"] == pytest.approx(src["test"]["accuracy"])  # untouched: the same answers
+    before = load_file(str(tmp_path / "src" / "trainable.safetensors"))
+    after = load_file(str(tmp_path / "add" / "trainable.safetensors"))
+    assert torch.equal(after["head.fruit.weight"], before["head.weight"])
