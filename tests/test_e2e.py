@@ -47,3 +47,15 @@ def test_smollm2_greedy_equals_transformers_generate():
             theirs = b.model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
                                       eos_token_id=None)[:, batch["input_ids"].shape[1]:]
         assert torch.equal(ours, theirs)
+
+
+def test_smollm2_multitask_heads_on_a_frozen_backbone(tmp_path):
+    """Scenario 2 of the multi-task issue on real data: one frozen SmolLM2, a CoLA and an SST-2
+    head, trained from cached features."""
+    cfg = RunConfig(model="smollm2-135m", task="cola,sst2", method="head", freeze="backbone", train_limit=300,
+                    eval_limit=200, out=str(tmp_path / "run"), train=TrainArgs(epochs=10, batch_size=16))
+    r = train_run(cfg, progress=False)
+    assert r["cached_features"]["cut"] == -1 and r["trainable_params"] == 2 * (576 * 2 + 2)
+    # measured 2026-11-23: SST-2 79.0, CoLA MCC 14.3 (300 train / 200 test rows per task, 10 epochs)
+    assert r["test"]["sst2/accuracy"] >= 0.70 and r["test"]["cola/mcc"] >= 0.03, r["test"]
+    assert r["test"]["sst2/accuracy"] > r["initial_validation"]["sst2/accuracy"] + 0.1
