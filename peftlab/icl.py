@@ -367,7 +367,7 @@ def plot_curve(records: list[dict], path: str | Path) -> Path:
 
 def run_icl(model: str, task: str, shots: list[int], repeats: int = 3, limit: int | None = None,
             seed: int = 0, out_dir: str | Path | None = None, batch_size: int = 16, max_length: int = 1024,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, show: bool = True) -> list[dict]:
     """Load a model and a task, run `icl_classify`, write icl.json, icl.md and icl_curve.png, print the table.
 
     out_dir defaults to runs/icl-<model>-<task>-<time>. Returns the records.
@@ -389,6 +389,7 @@ def run_icl(model: str, task: str, shots: list[int], repeats: int = 3, limit: in
     save_json(out / JSON, records)
     write_table(records, out / TABLE)
     plot_curve(records, out / CURVE)
-    print_table(records)
-    print(f"results: {out / TABLE}, {out / CURVE}, {out / JSON}")
+    if show:  # a lab cell reports through the experiment's table instead
+        print_table(records)
+        print(f"results: {out / TABLE}, {out / CURVE}, {out / JSON}")
     return records

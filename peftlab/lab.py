@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import sqlite3
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -200,7 +201,7 @@ def icl_cell(cell: Cell) -> dict:
     cfg, t0 = cell.config, time.perf_counter()
     with PeakMemory() as mem:
         r = run_icl(cfg.model, cfg.task, [cell.shots], repeats=1, limit=cfg.eval_limit, seed=cfg.seed,
-                    out_dir=cell.run_dir, batch_size=cfg.train.eval_batch_size, progress=False)[0]
+                    out_dir=cell.run_dir, batch_size=cfg.train.eval_batch_size, progress=False, show=False)[0]
     record = {
         "model": cfg.model, "task": r["task"], "method": "icl", "metric": r["metric"], "shots": cell.shots,
         "kind": "generation" if r["percent"] else "classification",
@@ -283,4 +284,4 @@ def print_runs(rows: list[dict], console: Console | None = None) -> None:
                   f"{r['value']:.4f}" if done else (r["error"] or "")[:40],
                   fmt_params(r["trainable_params"]) if done else "", f"{r['s_per_epoch']:.1f}" if done else "",
                   f"{r['peak_memory_mb']:.0f}" if done else "")
-    (console or Console()).print(t)
+    (console or Console(width=None if sys.stdout.isatty() else 160)).print(t)

@@ -73,7 +73,8 @@ def _size(n: int | None) -> str:
 def results_table(groups: list[dict]) -> tuple[list[str], list[list[str]]]:
     cols = ["settings", "task", "metric", "mean ± std", "seeds", "trainable", "%", "peak MiB", "s/epoch", "tok/s",
             "adapter"]
-    rows = [[g["label"], g["settings"]["task"], g["metric"], f"{g['mean']:.1f} ± {g['std']:.1f}", str(g["n"]),
+    rows = [[g["label"], g["settings"]["task"], g["metric"],
+             f"{g['mean']:.1f} ± {g['std']:.1f}" if g["n"] > 1 else f"{g['mean']:.1f}", str(g["n"]),
              fmt_params(g["trainable_params"]), f"{g['trainable_pct']:.2f}", f"{g['peak_memory_mb']:.0f}",
              f"{g['s_per_epoch']:.1f}", f"{g['tokens_per_s']:.0f}", _size(g["adapter_bytes"])] for g in groups]
     return cols, rows
@@ -81,8 +82,10 @@ def results_table(groups: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def cost_table(groups: list[dict]) -> tuple[list[str], list[list[str]]] | None:
     """Training (s/epoch) and inference (test-set evaluation time) relative to full fine-tuning
-    on the same task, when the experiment has a full fine-tuning run to compare with."""
-    cols = ["settings", "task", "train cost vs full", "inference cost vs full", "memory vs full"]
+    on the same task, when the experiment has a full fine-tuning run to compare with. Runs with
+    cached features train and evaluate from the cache: their costs are what the user pays here,
+    not what serving the model from raw text would cost."""
+    cols = ["settings", "task", "training s/epoch vs full", "test-set time vs full", "peak memory vs full"]
     rows = []
     for g in groups:
         full = next((f for f in groups if f["settings"].get("method") == "full"
@@ -210,6 +213,9 @@ def _html_table(cols: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+COST_NOTE = ("Runs with a frozen bottom (head, last-N) train and evaluate from cached features, so their time "
+             "is what this experiment paid, not what serving the model from raw text costs.")
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f0f3f7}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.5em 0}
@@ -241,7 +247,7 @@ def write_report(exp_dir: str | Path) -> tuple[Path, Path]:
     md = [f"# {title}\n", f"{len(done)} finished runs, {len(failed)} failed; machine: {machine}\n",
           "## Results\n", _md_table(cols, table)]
     if cost:
-        md += ["## Cost relative to full fine-tuning (measured)\n", _md_table(*cost)]
+        md += ["## Cost relative to full fine-tuning (measured)\n", COST_NOTE + "\n", _md_table(*cost)]
     md += [f"## {name}\n\n![{name}]({PLOTS}/{p.name})\n" for name, p in plots.items()]
     md += ["## Runs\n", _md_table(run_cols, runs)]
     md_path = exp_dir / "report.md"
@@ -252,7 +258,8 @@ def write_report(exp_dir: str | Path) -> tuple[Path, Path]:
             f"<p class=small>{len(done)} finished runs, {len(failed)} failed; machine: {html.escape(str(machine))}</p>",
             "<h2>Results</h2>", _html_table(cols, table)]
     if cost:
-        body += ["<h2>Cost relative to full fine-tuning (measured)</h2>", _html_table(*cost)]
+        body += ["<h2>Cost relative to full fine-tuning (measured)</h2>", f"<p class=small>{COST_NOTE}</p>",
+                 _html_table(*cost)]
     body += [f"<h2>{html.escape(name)}</h2>{img(p)}" for name, p in plots.items()]
     body += ["<h2>Runs</h2>", _html_table(run_cols, runs)]
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
