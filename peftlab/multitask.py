@@ -50,10 +50,11 @@ class TaskPrompts(nn.Module):
         self.route: torch.Tensor | None = None
 
     def forward(self, batch_size: int) -> torch.Tensor:
-        if self.route is None or len(self.route) != batch_size:
+        if self.route is None or batch_size % len(self.route):
             raise PeftlabError("per-task soft prompts need each row's task: call the model with task_ids")
         table = torch.stack([p.embedding.weight for p in self.prompts.values()])  # (tasks, n, H)
-        return table[self.route]
+        # multi-token label words score each row once per label, rows repeated in place
+        return table[self.route.repeat_interleave(batch_size // len(self.route))]
 
 
 class MultiTaskClassifier(Classifier):

@@ -203,3 +203,18 @@ def test_a_new_task_trains_alone_when_the_rest_is_frozen(task_pair, tmp_path):
     before = load_file(str(tmp_path / "src" / "trainable.safetensors"))
     after = load_file(str(tmp_path / "add" / "trainable.safetensors"))
     assert torch.equal(after["head.fruit.weight"], before["head.weight"])
+
+
+def test_task_prompts_follow_rows_repeated_per_label():
+    from peftlab.methods.prompt import SoftPrompt
+
+    tp = TaskPrompts(SoftPrompt(3, torch.randn(3, 4)), ["a", "b"])
+    with torch.no_grad():
+        tp.prompts["b"].embedding.weight.add_(1.0)
+    tp.route = torch.tensor([1, 0])
+    out = tp(6)  # two rows, three labels each (as multi-token label words score them)
+    assert out.shape == (6, 3, 4)
+    for i, task in enumerate(["b", "b", "b", "a", "a", "a"]):
+        assert torch.equal(out[i], tp.prompts[task].embedding.weight)
+    with pytest.raises(PeftlabError, match="each row's task"):
+        tp(5)
