@@ -343,6 +343,7 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         t_train = time.perf_counter()
         history = train(p.model, p.data["train"].lengths, batch_loss_fn(p), validate, cfg.train, lr=p.lr,
                         seed=cfg.seed, metric=p.task.metric, on_best=on_best, progress=progress, plan=plan,
+                        also=tuple(f"{t.name}/{t.metric}" for t in p.task.tasks) if p.multi else (),
                         **(log.hooks() if log else {}))
         train_seconds = time.perf_counter() - t_train
         if log:

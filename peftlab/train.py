@@ -136,13 +136,14 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
           on_best: Callable[[Epoch], None] = lambda e: None, progress: bool = True,
           plan: Callable[[int], list[np.ndarray]] | None = None,
           on_step: Callable[[int, float, float], None] = lambda step, loss, lr: None,
-          on_epoch: Callable[[Epoch], None] = lambda e: None) -> list[Epoch]:
+          on_epoch: Callable[[Epoch], None] = lambda e: None, also: tuple[str, ...] = ()) -> list[Epoch]:
     """Train the parameters that require grad; call `on_best` after each epoch that improves `metric`.
 
     The task enters through two functions: `batch_loss(indices)` gives the loss of those training
     examples and their token count, `validate()` the validation metrics and loss. `plan(epoch)`
     gives an epoch's batches (default: shuffled, length-bucketed batches of all examples).
-    `on_step(step, loss, lr)` and `on_epoch(epoch)` see every optimizer step and epoch (logging).
+    `on_step(step, loss, lr)` and `on_epoch(epoch)` see every optimizer step and epoch (logging);
+    `also` names more validation metrics for the epoch line (a multi-task run's 'cola/mcc', ...).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -185,8 +186,9 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
         history.append(ep)
         on_epoch(ep)
         if progress:
+            parts = "".join(f"  {k} {val[k]:.4f}" for k in also if k in val)
             tqdm.write(f"epoch {ep.epoch}: train loss {ep.train_loss:.4f}  val loss {val_loss:.4f}  "
-                       f"val {metric} {val[metric]:.4f}  ({seconds:.1f}s, {tokens / seconds:.0f} tok/s)")
+                       f"val {metric} {val[metric]:.4f}{parts}  ({seconds:.1f}s, {tokens / seconds:.0f} tok/s)")
         if val[metric] > best:
             best = val[metric]
             on_best(ep)
