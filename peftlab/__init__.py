@@ -13,7 +13,8 @@ from peftlab.generation import GEN_TASKS, GenTask, load_gen_task
 from peftlab.heads import Classifier, LanguageModel
 from peftlab.methods import parse_method, trainable_names
 from peftlab.models import EMBEDDED, Backbone, load_backbone
-from peftlab.run import RunConfig, eval_run, load_generator, load_run, train_run
+from peftlab.generator import load_generator
+from peftlab.run import RunConfig, eval_run, load_run, train_run
 from peftlab.train import TrainArgs
 
 __all__ = [

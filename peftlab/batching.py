@@ -37,6 +37,11 @@ class Encoded:
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
 
+    def select(self, rows: np.ndarray) -> "Encoded":
+        """These rows only (e.g. one task's rows of a multi-task split)."""
+        task_ids = None if self.task_ids is None else self.task_ids[rows]
+        return Encoded([self.input_ids[i] for i in rows], self.labels[rows], task_ids=task_ids)
+
 
 def encode(texts: list[str], labels, tokenizer: PreTrainedTokenizerBase, max_length: int,
            split: str = "data", template: str = "{text}") -> Encoded:
@@ -113,14 +118,19 @@ def batch_indices(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: 
     return [batches[i] for i in rng.permutation(len(batches))] if bucket else batches
 
 
-def collate(enc: Encoded, idx: np.ndarray, pad_id: int, side: str) -> dict[str, torch.Tensor]:
-    """Pad the chosen examples to their longest row on `side` ("left" or "right")."""
-    rows = [enc.input_ids[i] for i in idx]
+def pad_rows(rows: list[torch.Tensor], side: str, value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack rows of different lengths (token ids, or (T, H) hidden states), padded with `value`
+    to the longest on `side` ("left" or "right"); and the (B, T) 0/1 mask of the real positions."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    out = rows[0].new_full((len(rows), width, *rows[0].shape[1:]), value)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for j, r in enumerate(rows):
         s = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[j, s] = torch.as_tensor(r)
-        mask[j, s] = 1
+        out[j, s], mask[j, s] = r, 1
+    return out, mask
+
+
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int, side: str) -> dict[str, torch.Tensor]:
+    """Pad the chosen examples to their longest row on `side` ("left" or "right")."""
+    ids, mask = pad_rows([torch.as_tensor(enc.input_ids[i], dtype=torch.long) for i in idx], side, pad_id)
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.as_tensor(enc.labels[idx])}

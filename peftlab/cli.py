@@ -4,7 +4,6 @@ import argparse
 import dataclasses
 import os
 import sys
-from pathlib import Path
 import types
 import typing
 import warnings
@@ -201,7 +200,7 @@ def cmd_merge(args) -> None:
 
 def cmd_generate(args) -> None:
     from peftlab.decode import Sampling
-    from peftlab.run import load_generator
+    from peftlab.generator import load_generator
 
     g = load_generator(args.source, chat=args.chat)
     stop = tuple(args.stop) if args.stop is not None else g.stop_strings
@@ -221,14 +220,13 @@ def cmd_icl(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from peftlab.lab import print_runs, run_experiment
-
+    from peftlab.lab import Experiment, experiment_dir, print_runs, run_experiment
     from peftlab.report import write_report
 
     rows = run_experiment(args.experiment, args.out)
     print_runs(rows)
     if any(r["status"] == "done" for r in rows):
-        md, page = write_report(Path(rows[0]["run_dir"]).parents[1])
+        md, page = write_report(experiment_dir(Experiment.load(args.experiment), args.out))
         print(f"report: {page} ({md})")
 
 

@@ -15,6 +15,7 @@ The frozen bottom runs in eval mode (no dropout), so training from the cache equ
 the same parameters end to end with the frozen part in eval mode.
 """
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftlab.batching import Encoded, batch_indices, collate
+from peftlab.batching import Encoded, batch_indices, collate, pad_rows
 from peftlab.checkpoint import load_weights, save_weights
 from peftlab.models import peftlab_home
 
@@ -44,7 +45,7 @@ def cut_point(model: nn.Module) -> int | None:
     arch = model.arch
     if getattr(model, "prompt", None) is not None or getattr(model, "prefix", None) is not None:
         return None
-    if not isinstance(getattr(model, "head", None), (nn.Linear, nn.ModuleDict)):
+    if not getattr(model, "reads_features", False):  # label words read token positions, not features
         return None
     block_of = {id(p): i for i, b in enumerate(arch.blocks) for p in b.parameters()}
     norm = {id(p) for p in arch.final_norm.parameters()} if arch.final_norm is not None else set()
@@ -117,14 +118,7 @@ class FeatureCache:
         """Rows `idx` as a padded (B, T, H) tensor and its (B, T) mask (pooled: (B, H), None)."""
         if self.offsets is None:
             return self.hidden[torch.as_tensor(idx)], None
-        rows = [self.hidden[self.offsets[i]:self.offsets[i + 1]] for i in idx]
-        width = max(len(r) for r in rows)
-        out = self.hidden.new_zeros(len(rows), width, self.hidden.shape[1])
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for j, r in enumerate(rows):
-            s = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-            out[j, s], mask[j, s] = r, 1
-        return out, mask
+        return pad_rows([self.hidden[self.offsets[i]:self.offsets[i + 1]] for i in idx], side)
 
 
 def logits_from_cache(model: nn.Module, cache: FeatureCache, idx: np.ndarray, side: str,
@@ -166,6 +160,22 @@ def cache_key(model: nn.Module, enc: Encoded, tokenizer, point: int, weights: st
     h.update(enc.lengths.tobytes())
     h.update(np.concatenate([np.asarray(x, dtype=np.int64) for x in enc.input_ids]).tobytes())
     return h.hexdigest()
+
+
+def build_caches(model: nn.Module, data: dict[str, Encoded], tokenizer, point: int, *, batch_size: int = 64,
+                 progress: bool = True) -> dict[str, FeatureCache]:
+    """Every split's cache. A multi-task split is cached task by task, so multi- and single-task
+    runs on the same data share their files."""
+    weights = frozen_digest(model, point)
+
+    def cache(split: str, enc: Encoded) -> FeatureCache:
+        if enc.task_ids is None:
+            return build_cache(model, enc, tokenizer, point, batch_size=batch_size, weights=weights,
+                               desc=f"caching {split} features", progress=progress)
+        parts = [enc.select(np.flatnonzero(enc.task_ids == k)) for k in np.unique(enc.task_ids)]
+        return FeatureCache.join([cache(f"{split} (task {k})", dataclasses.replace(e, task_ids=None))
+                                  for k, e in enumerate(parts)])
+    return {split: cache(split, enc) for split, enc in data.items()}
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftlab.batching import batch_indices, check_template, fill, fit_template
+from peftlab.batching import batch_indices, check_template, fill, fit_template, pad_rows
 from peftlab.decode import Sampling, generate, trim_at_stop
 from peftlab.errors import PeftlabError, unknown
 from peftlab.metrics import generation_metrics
@@ -159,17 +159,10 @@ def encode_pairs(texts: list[str], targets: list[str], tokenizer, template: str,
 
 def collate_pairs(data: Pairs, idx: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded ids and mask, and labels: the target tokens, -100 on prompt and padding."""
-    rows = [data.input_ids[i] for i in idx]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for j, (i, r) in enumerate(zip(idx, rows)):
-        start = width - len(r)
-        ids[j, start:] = torch.as_tensor(r)
-        mask[j, start:] = 1
-        labels[j, start + data.prompt_len[i]:] = torch.as_tensor(r[data.prompt_len[i]:], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    rows = [torch.as_tensor(data.input_ids[i], dtype=torch.long) for i in idx]
+    ids, mask = pad_rows(rows, "left", pad_id)
+    targets = [torch.cat([torch.full((data.prompt_len[i],), -100), r[data.prompt_len[i]:]]) for i, r in zip(idx, rows)]
+    return {"input_ids": ids, "attention_mask": mask, "labels": pad_rows(targets, "left", -100)[0]}
 
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
@@ -208,10 +201,7 @@ def complete(model: nn.Module, tokenizer, prompts: Pairs, *, max_new_tokens: int
     pad = tokenizer.pad_token_id
     batches = batch_indices(prompts.lengths, batch_size, shuffle=False)
     for n, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True)):
-        rows = [prompts.input_ids[i] for i in idx]
-        width = max(map(len, rows))
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        ids, mask = pad_rows([torch.as_tensor(prompts.input_ids[i], dtype=torch.long) for i in idx], "left", pad)
         new = generate(model, ids, mask, max_new_tokens, sampling, stop_ids=(tokenizer.eos_token_id,), pad_id=pad,
                        seed=seed + n, stop_strings=stop_strings, tokenizer=tokenizer)
         for i, row in zip(idx, new.tolist()):

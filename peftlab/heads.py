@@ -112,6 +112,11 @@ class Classifier(nn.Module):
         kw, _, pool_mask = body_inputs(self, input_ids, attention_mask)
         return pool(self.body(**kw).last_hidden_state, pool_mask, self.pooling)
 
+    @property
+    def reads_features(self) -> bool:
+        """True when the head sees only the pooled features (so they may come from a cache)."""
+        return not isinstance(self.head, LabelWords)
+
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 

@@ -231,10 +231,14 @@ def progress_table(cells: list[Cell], status: dict[str, str], started: float, du
     return t
 
 
+def experiment_dir(exp: "Experiment", out: str | Path | None = None) -> Path:
+    return Path(out or Path("runs") / exp.name)
+
+
 def run_experiment(path: str | Path, out: str | Path | None = None, progress: bool = True) -> list[dict]:
     """Run every unfinished cell of an experiment file; index every finished one. Returns the index rows."""
     exp = Experiment.load(path)
-    out = Path(out or Path("runs") / exp.name)
+    out = experiment_dir(exp, out)
     cells = exp.cells(out)  # every cell is checked before the first one runs
     out.mkdir(parents=True, exist_ok=True)
     db = connect(out)

@@ -9,7 +9,6 @@ Every row carries a task id; heads have their own label sets, so logits come bac
 widest one (the padding at the dtype's minimum, never chosen, zero gradient).
 """
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +20,7 @@ from peftlab.batching import Encoded, batch_indices
 from peftlab.data import Task
 from peftlab.errors import PeftlabError
 from peftlab.heads import Classifier, LabelWords
+from peftlab.methods import trainable_names
 from peftlab.methods.lora import lora_layers, per_row
 from peftlab.methods.prompt import SoftPrompt
 from peftlab.metrics import classification_metrics
@@ -79,6 +79,13 @@ class MultiTaskClassifier(Classifier):
         self.label_words = label_words
         self.task_adapters = False  # per_task_adapters(): rows run through their task's LoRA adapter
 
+    def per_task(self, method, adapters: bool = False) -> list[str]:
+        """After a method is applied: one soft prompt per task (if it added one) and, with
+        `adapters`, one LoRA adapter per task. Returns the names of what trains."""
+        self.per_task_prompts()
+        names = trainable_names(self, method)
+        return self.per_task_adapters(names) if adapters else names
+
     def per_task_adapters(self, names: list[str]) -> list[str]:
         """Give every task its own copy of the LoRA adapter a method added (rows then run through
         their task's); returns the trainable names, the shared adapter's swapped for the copies."""
@@ -87,9 +94,7 @@ class MultiTaskClassifier(Classifier):
             raise PeftlabError("--per-task-adapters needs one LoRA adapter to copy: use --method lora (or a mix with it)")
         for layer in layers:
             for t in self.task_names:
-                for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
-                    table[t] = copy.deepcopy(table["default"])
-                layer.scaling[t], layer.out_rows[t] = layer.scaling["default"], layer.out_rows["default"]
+                layer.copy_adapter("default", t)
             layer.delete("default")
         self.task_adapters = True
         shared = [n for n in names if ".lora_A.default." in n or ".lora_B.default." in n]
@@ -100,6 +105,10 @@ class MultiTaskClassifier(Classifier):
         """Give every task its own copy of the soft prompt a method added (prompt tuning)."""
         if isinstance(self.prompt, SoftPrompt):
             self.prompt = TaskPrompts(self.prompt, self.task_names)
+
+    @property
+    def reads_features(self) -> bool:
+        return not self.label_words
 
     def _padded(self, task_ids: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return like.new_full((len(task_ids), max(self.num_labels)), torch.finfo(like.dtype).min)
@@ -138,7 +147,9 @@ class MultiTaskClassifier(Classifier):
 
 
 def join(parts: list[Encoded]) -> Encoded:
-    """Several tasks' examples as one split; `task_ids` says whose each row is."""
+    """Several tasks' examples as one split; `task_ids` says whose each row is (one task: as it is)."""
+    if len(parts) == 1:
+        return parts[0]
     return Encoded([x for p in parts for x in p.input_ids], np.concatenate([p.labels for p in parts]),
                    truncated=sum(p.truncated for p in parts),
                    task_ids=np.concatenate([np.full(len(p), k, dtype=np.int64) for k, p in enumerate(parts)]))

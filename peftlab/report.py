@@ -44,6 +44,7 @@ def group(rows: list[dict]) -> list[dict]:
     """Finished runs grouped by their settings except the seed: mean and std of each figure."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
+        r = {**r, "record": json.loads(r["record"])}  # parsed once
         params = json.loads(r["params"])
         key = json.dumps({"model": r["model"], "task": r["task"], **{k: v for k, v in params.items() if k != "seed"}})
         groups[key].append(r)
@@ -58,8 +59,8 @@ def group(rows: list[dict]) -> list[dict]:
             "s_per_epoch": float(np.mean([r["s_per_epoch"] for r in rs])),
             "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rs])),
             "adapter_bytes": rs[0]["adapter_bytes"],
-            "eval_s": float(np.mean([json.loads(r["record"]).get("test_time_s", np.nan) for r in rs])),
-            "records": [json.loads(r["record"]) for r in rs],
+            "eval_s": float(np.mean([r["record"].get("test_time_s", np.nan) for r in rs])),
+            "records": [r["record"] for r in rs],
         })
     return out
 

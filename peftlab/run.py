@@ -11,30 +11,29 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, TextIO
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-
 import torch.nn.functional as F
 
 from peftlab.batching import Encoded, encode
 from peftlab.checkpoint import atomic_write_text, load_json, load_weights, save_json, save_weights
 from peftlab.data import Task, load_task, per_class, subset
+from peftlab.decode import Sampling
 from peftlab.errors import PeftlabError
-from peftlab.decode import Sampling, generate, trim_at_stop
-from peftlab.generation import GenTask, Pairs, collate_pairs, complete, encode_pairs, evaluate_generation, \
+from peftlab.features import FeatureCache, build_caches, cut_point
+from peftlab.generation import GenTask, Pairs, collate_pairs, encode_pairs, evaluate_generation, \
     is_generation, lm_loss, load_gen_task
-from peftlab.features import FeatureCache, build_cache, cut_point, frozen_digest
 from peftlab.heads import POOLINGS, Classifier, LanguageModel
 from peftlab.measure import PeakMemory, machine, versions
 from peftlab.methods import MethodArgs, parse_method, set_trainable, trainable_names
 from peftlab.models import Backbone, load_backbone
 from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join, learning_tasks, multi_metrics, \
     plan_batches
-from peftlab.train import TrainArgs, evaluate, logits_fn, predict, train
+from peftlab.train import TensorBoard, TrainArgs, evaluate, logits_fn, predict, train
 
 CONFIG, METRICS, WEIGHTS = "config.json", "metrics.json", "trainable.safetensors"
 PREDICTIONS = "predictions.jsonl"  # generation runs: each test prompt's output and reference
@@ -195,19 +194,16 @@ def prepare(cfg: RunConfig, backbone: Backbone | None = None, transfer: bool = T
         if isinstance(task, MultiTask):
             model = MultiTaskClassifier(backbone.arch, tasks, cfg.pooling, tok, words, cfg.bidirectional)
         else:
-            data = {s: dataclasses.replace(e, task_ids=None) for s, e in data.items()}
             model = Classifier(backbone.arch, task.num_labels, cfg.pooling, tok,
                                label_words[0] if words else None, cfg.bidirectional)
     pretrained = {id(p) for p in model.body.parameters()}
     method.apply(model)
     if isinstance(model, MultiTaskClassifier):
-        model.per_task_prompts()
-    trainable = trainable_names(model, method)
-    if isinstance(model, MultiTaskClassifier):
-        if cfg.per_task_adapters:
-            trainable = model.per_task_adapters(trainable)
+        trainable = model.per_task(method, adapters=cfg.per_task_adapters)
     elif cfg.per_task_adapters:
         raise PeftlabError("--per-task-adapters needs several tasks (--task a,b)")
+    else:
+        trainable = trainable_names(model, method)
     pretrained_names = {n for n, p in model.named_parameters() if id(p) in pretrained}
     trainable = apply_freeze(model, trainable, cfg.freeze, pretrained_names,
                              [t.name for t in getattr(task, "tasks", [task])])
@@ -252,20 +248,9 @@ def attach_caches(p: Prepared, cfg: RunConfig, progress: bool = True) -> None:
     if cfg.cache_features == "off" or p.generative:
         return
     point = cut_point(p.model)
-    if point is None:
-        return
-    tok, weights = p.backbone.tokenizer, frozen_digest(p.model, point)
-
-    def cache(split: str, enc: Encoded) -> FeatureCache:
-        if enc.task_ids is None:
-            return build_cache(p.model, enc, tok, point, batch_size=cfg.train.eval_batch_size, weights=weights,
-                               desc=f"caching {split} features", progress=progress)
-        # per task: a multi-task run reuses each task's cache from single-task runs, and they its
-        parts = [dataclasses.replace(enc, input_ids=[enc.input_ids[i] for i in rows], labels=enc.labels[rows],
-                                     task_ids=None) for rows in map(np.flatnonzero, (enc.task_ids == k for k in
-                                                                                     np.unique(enc.task_ids)))]
-        return FeatureCache.join([cache(f"{split} ({t.name})", e) for t, e in zip(p.task.tasks, parts)])
-    p.caches = {s: cache(s, e) for s, e in p.data.items()}
+    if point is not None:
+        p.caches = build_caches(p.model, p.data, p.backbone.tokenizer, point, batch_size=cfg.train.eval_batch_size,
+                                progress=progress)
 
 
 def evaluate_split(p: Prepared, cfg: RunConfig, split: str, progress: bool = False,
@@ -379,33 +364,6 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
     return record
 
 
-class TensorBoard:
-    """Training curves for TensorBoard: loss and learning rate per step, metrics per epoch."""
-
-    def __init__(self, out: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise PeftlabError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
-        self.writer = SummaryWriter(str(out / "tensorboard"))
-
-    def hooks(self) -> dict:
-        return {"on_step": self.step, "on_epoch": self.epoch}
-
-    def step(self, step: int, loss: float, lr: float) -> None:
-        self.writer.add_scalar("train/loss", loss, step)
-        self.writer.add_scalar("train/lr", lr, step)
-
-    def epoch(self, ep) -> None:
-        self.writer.add_scalar("epoch/train_loss", ep.train_loss, ep.epoch)
-        self.writer.add_scalar("epoch/val_loss", ep.val_loss, ep.epoch)
-        for k, v in ep.val.items():
-            self.writer.add_scalar(f"val/{k}", v, ep.epoch)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 def load_run(run_dir: str | Path, backbone: Backbone | None = None) -> tuple[RunConfig, Prepared]:
     """Rebuild a finished run's model with its trained weights."""
     run_dir = Path(run_dir)
@@ -431,86 +389,6 @@ def eval_run(run_dir: str | Path, split: str = "test", decoding: Sampling | None
         cfg.decoding = decoding
     metrics, loss, _ = evaluate_split(p, cfg, split)
     return {**metrics, "loss": loss, "rows": len(p.data[split])}
-
-
-@dataclass
-class Generator:
-    """A model ready to continue prompts: a generation run (prompts framed as in its training
-    data) or a plain model (prompts as given)."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    frame: Callable[[list[str]], Pairs]
-    max_new_tokens: int
-    stop_strings: tuple[str, ...]
-
-    def generate(self, prompts: list[str], *, max_new_tokens: int | None = None, sampling: Sampling | None = None,
-                 stop_strings: tuple[str, ...] | None = None, seed: int = 0, stream: TextIO | None = None) -> list[str]:
-        """Continue each prompt; with `stream`, write one prompt's text there as it is decoded."""
-        pairs, n = self.frame(prompts), max_new_tokens or self.max_new_tokens
-        stops = self.stop_strings if stop_strings is None else stop_strings
-        if stream is None:
-            return complete(self.model, self.tokenizer, pairs, max_new_tokens=n, sampling=sampling,
-                            stop_strings=stops, seed=seed)
-        if len(prompts) != 1:
-            raise PeftlabError("streaming shows one prompt at a time; give one --prompt or --no-stream")
-        printer = StreamPrinter(self.tokenizer, stops, stream)
-        ids = torch.tensor([pairs.input_ids[0]])
-        self.model.eval()
-        generate(self.model, ids, torch.ones_like(ids), n, sampling, stop_ids=(self.tokenizer.eos_token_id,),
-                 pad_id=self.tokenizer.pad_token_id, seed=seed, stop_strings=stops, tokenizer=self.tokenizer,
-                 on_step=printer)
-        return [printer.finish()]
-
-
-class StreamPrinter:
-    """Prints decoded text as tokens arrive: never past a stop string, never half a character."""
-
-    def __init__(self, tokenizer, stop_strings: tuple[str, ...], out: TextIO):
-        self.tokenizer, self.stops, self.out = tokenizer, stop_strings, out
-        self.ids: list[int] = []
-        self.shown = ""
-
-    def visible(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = trim_at_stop(text, self.stops)
-        if len(cut) == len(text.lstrip()):  # no stop yet: hold back what may begin one
-            held = max((k for s in self.stops for k in range(1, len(s)) if cut.endswith(s[:k])), default=0)
-            cut = cut[:len(cut) - held]
-        return cut.rstrip("\ufffd")  # a multi-byte character still arriving
-
-    def __call__(self, tokens: torch.Tensor) -> None:
-        self.ids.append(int(tokens[0]))
-        text = self.visible()
-        if text.startswith(self.shown) and len(text) > len(self.shown):
-            self.out.write(text[len(self.shown):])
-            self.out.flush()
-            self.shown = text
-
-    def finish(self) -> str:
-        text = trim_at_stop(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stops)
-        self.out.write(text[len(self.shown):] + "\n")
-        self.out.flush()
-        return text.strip()
-
-
-def load_generator(source: str | Path, *, chat: bool = False) -> Generator:
-    """A trained generation run directory, or a model (embedded name, path or hub id)."""
-    if Path(source, CONFIG).is_file():
-        cfg, p = load_run(source)
-        if not p.generative:
-            raise PeftlabError(f"'{source}' is a classification run; evaluate it with `peftlab eval`")
-        tok, task = p.backbone.tokenizer, p.task
-        sep = (p.model.head.id,) if cfg.sep_token else ()
-        frame = lambda prompts: encode_pairs(prompts, [""] * len(prompts), tok, cfg.template or task.template,
-                                             cfg.max_length, keep_end=task.keep_end, sep_ids=sep, chat=cfg.chat,
-                                             with_targets=False)
-        return Generator(p.model, tok, frame, cfg.max_new_tokens or task.max_new_tokens, ("\n",))
-    b = load_backbone(str(source))
-    context = getattr(b.model.config, "max_position_embeddings", 2048)
-    frame = lambda prompts: encode_pairs(prompts, [""] * len(prompts), b.tokenizer, "{text}", context, keep_end=True,
-                                         chat=chat, with_targets=False)
-    return Generator(LanguageModel(b.arch, b.tokenizer), b.tokenizer, frame, 64, ())
 
 
 def save_predictions(path: Path, data: Pairs, outputs: list[str]) -> None:

@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -151,7 +152,8 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
     opt = make_optimizer(model, lr, args.head_lr, args.weight_decay)
     plan = plan or (lambda epoch: batch_indices(lengths, args.batch_size, shuffle=True, seed=seed + epoch,
                                                 bucket=args.bucket))
-    n_batches = len(plan(0))
+    first = plan(0)
+    n_batches = len(first)
     steps_per_epoch = math.ceil(n_batches / args.grad_accum)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.schedule, int(args.warmup_ratio * total), total))
@@ -159,7 +161,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
     best = -math.inf
     model.train()
     for epoch in range(args.epochs):
-        batches = plan(epoch)
+        batches = first if epoch == 0 else plan(epoch)
         t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None if progress else True,
                    unit="batch", dynamic_ncols=True)
@@ -168,8 +170,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
             if not torch.isfinite(loss):
                 raise PeftlabError(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; "
                                    "lower --lr (or --head-lr) or keep --max-grad-norm on")
-            if loss.requires_grad:  # a batch whose loss reaches no trainable parameter teaches nothing
-                (loss / args.grad_accum).backward()
+            (loss / args.grad_accum).backward()
             if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
                 if args.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -193,3 +194,30 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
             best = val[metric]
             on_best(ep)
     return history
+
+
+class TensorBoard:
+    """Training curves for TensorBoard: loss and learning rate per step, metrics per epoch."""
+
+    def __init__(self, out: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise PeftlabError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def hooks(self) -> dict:
+        return {"on_step": self.step, "on_epoch": self.epoch}
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/lr", lr, step)
+
+    def epoch(self, ep) -> None:
+        self.writer.add_scalar("epoch/train_loss", ep.train_loss, ep.epoch)
+        self.writer.add_scalar("epoch/val_loss", ep.val_loss, ep.epoch)
+        for k, v in ep.val.items():
+            self.writer.add_scalar(f"val/{k}", v, ep.epoch)
+
+    def close(self) -> None:
+        self.writer.close()

@@ -12,7 +12,8 @@ from peftlab.errors import PeftlabError
 from peftlab.generation import collate_pairs, encode_pairs, lm_loss, load_gen_task
 from peftlab.heads import LanguageModel
 from peftlab.models import load_backbone
-from peftlab.run import RunConfig, StreamPrinter, eval_run, load_generator, train_run
+from peftlab.generator import StreamPrinter, load_generator
+from peftlab.run import RunConfig, eval_run, train_run
 from peftlab.train import TrainArgs
 from tests.conftest import write_jsonl
 

@@ -9,6 +9,7 @@ holds any number of named adapters, and merges/unmerges them into W exactly. For
 as the LoRA paper did.
 """
 
+import copy
 import math
 import re
 from contextlib import contextmanager
@@ -63,6 +64,12 @@ class LoraLayer(nn.Module):
         w = self.base_layer.weight
         self.lora_A[name].to(w.device, w.dtype)
         self.lora_B[name].to(w.device, w.dtype)
+
+    def copy_adapter(self, source: str, name: str) -> None:
+        """Add adapter `name` as a copy of adapter `source` (same weights, rank, scaling, rows)."""
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            table[name] = copy.deepcopy(table[source])
+        self.scaling[name], self.out_rows[name] = self.scaling[source], self.out_rows[source]
 
     def delete(self, name: str) -> None:
         if name in self.merged:
