@@ -1,15 +1,20 @@
-"""Atomic writes of weights (safetensors) and JSON: temp file in the same folder, then rename."""
+"""Atomic writes of weights (safetensors) and JSON: temp file in the same folder, then rename.
 
+Only safetensors and JSON/YAML (safe loader) are ever read back: nothing here unpickles.
+"""
+
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, first_line
 
 
 def _atomic(path: Path, write) -> None:
@@ -24,6 +29,11 @@ def _atomic(path: Path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise PeftlabError(f"the disk is full while writing '{path}' (the previous version is kept); "
+                               "free some space and resume the run with --resume") from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -43,6 +53,30 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise PeftlabError(f"'{path}' is not a valid safetensors file ({e}); re-run training to rewrite it") from e
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """One file for a whole training state, so that one rename makes it current: the tensors,
+    and the rest (position, counters, history) as JSON in the safetensors header."""
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}  # no copies: they share no storage
+    _atomic(Path(path), lambda tmp: save_file(data, tmp, metadata={"peftlab_state": json.dumps(state)}))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = load_weights(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if "peftlab_state" not in meta:
+        raise PeftlabError(f"'{path}' is a weights file, not a peftlab checkpoint")
+    return tensors, json.loads(meta["peftlab_state"])
+
+
+def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
+    """Refuse up front when `folder`'s disk cannot hold `need_bytes` (a write needs its temp copy too)."""
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise PeftlabError(f"not enough disk space in '{folder}' for {what}: about {need_bytes / 2**20:,.0f} MiB "
+                           f"needed, {free / 2**20:,.0f} MiB free; free some space or choose another --out")
 
 
 def save_json(path: str | Path, obj) -> None:
@@ -67,8 +101,17 @@ def load_yaml(path: str | Path, what: str = "file"):
 def _parse(path: str | Path, parse, error: type[Exception], fmt: str, missing: str):
     path = Path(path)
     try:
-        return parse(path.read_text())
+        return parse(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise PeftlabError(missing.format(path=path)) from e
+    except IsADirectoryError as e:
+        raise PeftlabError(f"'{path}' is a folder, not a {fmt} file") from e
+    except UnicodeDecodeError as e:
+        raise PeftlabError(f"'{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    except RecursionError as e:
+        raise PeftlabError(f"'{path}' nests too deeply to be a config; is it the right file?") from e
     except error as e:
-        raise PeftlabError(f"'{path}' is not valid {fmt} ({str(e).splitlines()[0]})") from e
+        mark = getattr(e, "problem_mark", None)  # YAML
+        line, col = (mark.line + 1, mark.column + 1) if mark else (getattr(e, "lineno", None), getattr(e, "colno", 0))
+        where = f" at line {line}, column {col}" if line else ""
+        raise PeftlabError(f"'{path}' is not valid {fmt}{where} ({first_line(e)}); fix the syntax there") from e

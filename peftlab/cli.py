@@ -36,8 +36,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         tp = _flag_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
+        flag = {"nargs": "?", "const": True} if tp is bool else {}  # a bare --chat means --chat true
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_bool if tp is bool else tp,
-                            default=default, choices=choices, metavar=None if choices else tp.__name__.upper(),
+                            default=default, choices=choices, metavar=None if choices else tp.__name__.upper(), **flag,
                             help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
@@ -56,19 +57,28 @@ def config_from_args(ns: argparse.Namespace, **override):
                      method_args=MethodArgs(**_pick(ns, MethodArgs)), decoding=Sampling(**_pick(ns, Sampling)))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with peftlab's one-line errors (its own print the whole usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"peftlab: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from peftlab.decode import Sampling
     from peftlab.methods import MethodArgs
     from peftlab.run import RunConfig
     from peftlab.train import TrainArgs
 
-    p = argparse.ArgumentParser(prog="peftlab", description="Fine-tune pretrained transformers cheaply and "
+    p = Parser(prog="peftlab", description="Fine-tune pretrained transformers cheaply and "
                                 "compare the ways of doing it.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one method on one task and write a run directory")
     for cls in (RunConfig, TrainArgs, MethodArgs, Sampling):
         add_dataclass_flags(t, cls)
+    t.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run from its last "
+                   "checkpoint, with the settings in its config.json (give no other flags)")
 
     c = sub.add_parser("compare", help="train several methods with the same settings and print a table")
     c.add_argument("--methods", required=True, help="comma-separated method specs, e.g. head,last-1,full")
@@ -159,9 +169,13 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args) -> None:
     from peftlab.compare import print_table
-    from peftlab.run import train_run
+    from peftlab.run import RunConfig, resume_run, train_run
 
-    record = train_run(config_from_args(args))
+    cfg = config_from_args(args)
+    if args.resume and cfg != RunConfig():
+        raise PeftlabError(f"--resume continues '{args.resume}' with the settings in its config.json; "
+                           "give no other flags")
+    record = resume_run(args.resume) if args.resume else train_run(cfg)
     print_table([record])
     print(f"run directory: {record['run_dir']}")
 

@@ -19,6 +19,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftlab.batching import batch_indices, check_template, fill, fit_template, pad_rows
+from peftlab.data import (
+    FORMATS,
+    _read_file,
+    _read_folder,
+    _split_one,
+    _value_kind,
+    data_roots,
+    missing_column,
+)
 from peftlab.decode import Sampling, generate, trim_at_stop
 from peftlab.errors import PeftlabError, unknown
 from peftlab.metrics import generation_metrics
@@ -75,8 +84,6 @@ def is_generation(task: str, target_column: str | None = None) -> bool:
 def load_gen_task(task: str, *, input_column: str | None = None, target_column: str | None = None,
                   seed: int = 0) -> GenTask:
     """A built-in generation task by name, or a local file/folder with input and target columns."""
-    from peftlab.data import _read_file, _read_folder, _split_one, data_roots
-
     spec = GEN_TASKS.get(task)
     if spec is not None:
         folder = next((r / spec.folder for r in data_roots() if (r / spec.folder / "train.jsonl").is_file()), None)
@@ -84,20 +91,28 @@ def load_gen_task(task: str, *, input_column: str | None = None, target_column: 
             raise PeftlabError(f"task '{task}' was not found under {', '.join(map(str, data_roots()))}; set "
                                f"PEFTLAB_DATA to a folder holding {spec.folder}/train.jsonl")
         raw = _read_folder(folder)
-        splits = {s: _render(raw[s].filter(spec.rows), s, spec.text, spec.target) for s in SPLITS}
+        try:
+            splits = {s: _render(raw[s].filter(spec.rows), s, spec.text, spec.target) for s in SPLITS}
+        except KeyError as e:
+            raise PeftlabError(f"the {task} files in '{folder}' lack the column {e}; restore the original "
+                               f"{spec.folder} files") from None
         return GenTask(spec.name, spec.metric, spec.template, spec.max_new_tokens, spec.keep_end, splits)
     path = Path(task)
     if not (path.is_dir() or path.is_file()):
+        if path.suffix in FORMATS:
+            raise PeftlabError(f"data file '{task}' does not exist; check the path")
         raise unknown("generation task", task, list(GEN_TASKS), "or give a data file or folder with "
                       "--input-column and --target-column")
     if not input_column or not target_column:
-        raise PeftlabError("a local generation data set needs --input-column and --target-column")
-    raw = _read_folder(path) if path.is_dir() else _split_one(_read_file(path, "train"), seed)
+        raise PeftlabError("a local generation data set needs --input-column and --target-column, e.g. "
+                           "--input-column question --target-column answer")
+    if input_column == target_column:
+        raise PeftlabError(f"--input-column and --target-column are both '{input_column}'; name two columns")
+    raw = _read_folder(path) if path.is_dir() else _split_one(_read_file(path), seed)
     for s in SPLITS:
-        missing = [c for c in (input_column, target_column) if c not in raw[s].column_names]
-        if missing:
-            raise PeftlabError(f"{s} data has no column '{missing[0]}' (columns: {', '.join(raw[s].column_names)}); "
-                               "name the right one with --input-column / --target-column")
+        for col, flag in ((input_column, "--input-column"), (target_column, "--target-column")):
+            if col not in raw[s].column_names:
+                raise missing_column(s, col, raw[s].column_names, flag)
     splits = {s: _render(raw[s], s, lambda r: r[input_column], target_column) for s in SPLITS}
     return GenTask(path.stem, "rougeL", LOCAL_TEMPLATE, 64, False, splits)
 
@@ -105,11 +120,11 @@ def load_gen_task(task: str, *, input_column: str | None = None, target_column: 
 def _render(ds: Dataset, split: str, text: Callable[[dict], str], target: str) -> Dataset:
     rows = [(text(r), r[target]) for r in ds]
     for i, (x, y) in enumerate(rows):
-        if not isinstance(x, str) or not isinstance(y, str):
-            raise PeftlabError(f"{split} row {i}: input and target must be strings, got "
-                               f"{type(x).__name__} and {type(y).__name__}; fix or drop the row")
+        for what, v in (("input", x), ("target", y)):
+            if not isinstance(v, str):
+                raise PeftlabError(f"{split} row {i}: the {what} is {_value_kind(v)}, not a string; fix or drop the row")
     if not rows:
-        raise PeftlabError(f"the {split} split has no rows")
+        raise PeftlabError(f"the {split} split has no rows; give it at least one")
     return Dataset.from_dict({"text": [x for x, _ in rows], "target": [y for _, y in rows]})
 
 

@@ -180,7 +180,8 @@ class LanguageModel(nn.Module):
     def __init__(self, arch: Arch, tokenizer, sep_token: str | None = None):
         super().__init__()
         if arch.lm_head is None or not arch.causal:
-            raise PeftlabError(f"generation needs a causal LM with an LM head; '{arch.model_type}' has none")
+            raise PeftlabError(f"generation needs a causal LM with an LM head; '{arch.model_type}' has none: "
+                               "use a causal LM, e.g. tiny-gpt2 or smollm2-135m")
         self.arch, self.tokenizer, self.body = arch, tokenizer, arch.body
         self.prompt: nn.Module | None = None
         self.prefix: nn.Module | None = None

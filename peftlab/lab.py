@@ -8,9 +8,9 @@
 
 Keys are the flags of `peftlab train` with underscores (RunConfig, TrainArgs, MethodArgs and
 Sampling fields alike). Each cell's resolved config names its run folder (a hash of it), so
-re-running an experiment skips every finished cell and re-does interrupted ones. Every finished
-run's record (metrics.json) is also a row of `index.sqlite` in the experiment folder, which is
-what queries and reports read.
+re-running an experiment skips every finished cell and resumes interrupted ones from their
+checkpoints. Every finished run's record (metrics.json) is also a row of `index.sqlite` in the
+experiment folder, which is what queries and reports read.
 """
 
 import dataclasses
@@ -29,6 +29,7 @@ from rich.live import Live
 from rich.table import Table
 
 from peftlab.checkpoint import load_json, load_yaml, save_json
+from peftlab.config import build
 from peftlab.decode import Sampling
 from peftlab.errors import PeftlabError
 from peftlab.measure import PeakMemory, machine, versions
@@ -57,8 +58,8 @@ def resolve(flat: dict) -> RunConfig:
         raise PeftlabError(f"unknown setting(s) {unknown}; valid: the flags of `peftlab train` with underscores, "
                            f"e.g. {', '.join(sorted(owners)[:6])}...")
     top = {k: v for k, v in flat.items() if owners[k] is None}
-    nested = {attr: cls(**{k: v for k, v in flat.items() if owners[k] == attr}) for attr, cls in NESTED.items()}
-    return RunConfig(**top, **nested)
+    nested = {attr: {k: v for k, v in flat.items() if owners[k] == attr} for attr in NESTED}
+    return build(RunConfig, {**top, **nested}, "experiment cell", unknown="error")
 
 
 @dataclass
@@ -120,12 +121,16 @@ class Experiment:
         return cells
 
 
+def same_config(cell: Cell) -> bool:
+    """The cell's folder was started with this very config."""
+    if not (cell.run_dir / CONFIG).is_file():
+        return False
+    return load_json(cell.run_dir / CONFIG) == json.loads(json.dumps(dataclasses.asdict(cell.config), default=str))
+
+
 def finished(cell: Cell) -> bool:
     """A cell is done when its folder holds a record made from this very config."""
-    if not (cell.run_dir / METRICS).is_file():
-        return False
-    saved = load_json(cell.run_dir / CONFIG)
-    return saved == json.loads(json.dumps(dataclasses.asdict(cell.config), default=str))
+    return (cell.run_dir / METRICS).is_file() and same_config(cell)
 
 
 # -- the index -------------------------------------------------------------------------------
@@ -261,7 +266,9 @@ def run_experiment(path: str | Path, out: str | Path | None = None, progress: bo
             try:
                 if (c.run_dir / METRICS).exists():  # finished under another config: start over
                     (c.run_dir / METRICS).unlink()
-                record = icl_cell(c) if c.config.method == "icl" else train_run(c.config, progress=False)
+                # an interrupted cell continues from its checkpoint
+                record = icl_cell(c) if c.config.method == "icl" else \
+                    train_run(c.config, progress=False, resume=same_config(c))
                 upsert(db, index_row(c, record))
                 status[c.id] = "done"
             except PeftlabError as e:

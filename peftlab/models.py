@@ -7,6 +7,10 @@
   tiny-gpt2, tiny-llama, tiny-bert
                 2-layer, width-64 random models built from configs with a real tokenizer,
                 deterministic by seed, for fast tests
+
+Weights are read from safetensors (or GGUF) only: pickle files (pytorch_model.bin, *.pt...) can
+run code when loaded and are refused. A model's own Python code (auto_map) runs only with
+trust_remote_code, which is off unless the user passes --trust-remote-code.
 """
 
 import importlib.util
@@ -31,7 +35,7 @@ from transformers import (
 )
 
 from peftlab.arch import Arch, describe, family
-from peftlab.errors import PeftlabError, unknown
+from peftlab.errors import PeftlabError, first_line, unknown
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -87,16 +91,70 @@ def load_backbone(name: str, *, seed: int = 0, trust_remote_code: bool = False) 
     return Backbone(name=name, model=model.float().eval(), tokenizer=tok, arch=arch)
 
 
+# Weights saved with Python's pickle (torch.save): loading one can run any code its author put in it.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def pickle_refused(path: Path) -> PeftlabError:
+    """The error for a pickle-based weights file, which peftlab never loads."""
+    return PeftlabError(f"'{path}' is a pickle file, and pickle files can run arbitrary code when loaded, so peftlab "
+                        "reads safetensors only; convert it to safetensors where you trust it (e.g. load it with "
+                        "transformers and call save_pretrained, which writes model.safetensors)")
+
+
+def _check_local(path: Path) -> None:
+    """A local model must be a directory with config.json and safetensors weights."""
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise pickle_refused(path)
+        raise PeftlabError(f"model '{path}' is a file; give a model directory (config.json + *.safetensors), a .gguf "
+                           f"file or an embedded name ({', '.join(EMBEDDED)})")
+    if not (path / "config.json").is_file():
+        raise PeftlabError(f"model directory '{path}' has no config.json; give a Hugging Face model directory "
+                           f"(config.json + *.safetensors) or an embedded name ({', '.join(EMBEDDED)})")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise pickle_refused(pickles[0])
+        raise PeftlabError(f"model directory '{path}' has no *.safetensors weights; save the model there with "
+                           "transformers' save_pretrained")
+
+
+def _remote_code_refused(name: str) -> PeftlabError:
+    return PeftlabError(f"model '{name}' needs its own Python code (auto_map in its config.json), which peftlab does "
+                        "not run by default; read that code, then pass --trust-remote-code to allow it")
+
+
 def _from_pretrained(name: str, trust_remote_code: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    local = Path(name)
+    if local.exists():
+        _check_local(local)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        hint = "a local model directory or a Hugging Face hub id (needs network the first time)"
+        if "trust_remote_code" in str(e):
+            raise _remote_code_refused(name) from e
+        if local.is_dir():
+            raise PeftlabError(f"model directory '{name}': cannot read its config.json ({first_line(e)}); "
+                               "give a Hugging Face model directory") from e
+        hint = "or a local model directory, or a Hugging Face hub id: needs network the first time"
         raise unknown("model", name, list(EMBEDDED), hint) from e
     causal = family(config.model_type).causal
     auto = AutoModelForCausalLM if causal else AutoModel
     kw = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
-    return auto.from_pretrained(name, **kw), AutoTokenizer.from_pretrained(name, **kw)
+    try:
+        # use_safetensors: never fall back to pickle weights (pytorch_model.bin) on the hub or on disk
+        model = auto.from_pretrained(name, use_safetensors=True, **kw)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise _remote_code_refused(name) from e
+        raise PeftlabError(f"cannot load the weights of model '{name}' ({first_line(e)}); peftlab loads "
+                           "safetensors weights only: check that the model has model.safetensors") from e
+    try:
+        return model, AutoTokenizer.from_pretrained(name, **kw)
+    except (OSError, ValueError) as e:
+        raise PeftlabError(f"cannot load the tokenizer of model '{name}' ({first_line(e)}); save it beside the "
+                           "model with the tokenizer's save_pretrained") from e
 
 
 def _from_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -214,8 +272,8 @@ def inspect_model(name: str) -> str:
     a = b.arch
     total = _count(a.body)
     lines = [
-        f"{name}: {a.model_type}, {'causal' if a.causal else 'encoder'}, hidden size {a.hidden_size}, "
-        f"{len(a.blocks)} blocks, {total:,} body parameters",
+        (f"{name}: {a.model_type}, {'causal' if a.causal else 'encoder'}, hidden size {a.hidden_size}, "
+         f"{len(a.blocks)} blocks, {total:,} body parameters"),
         f"  tokenizer: vocab {len(b.tokenizer):,}, pad '{b.tokenizer.pad_token}' on the {b.tokenizer.padding_side}",
         f"  embeddings      {_count(a.embeddings):>12,}  {type(a.embeddings).__name__}",
     ]

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from peftlab.checkpoint import load_json, load_weights, save_json, save_weights
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, first_line
 from peftlab.methods import Method, Mix
 from peftlab.methods.adapters import Adapters
 from peftlab.methods.ia3 import IA3
 from peftlab.methods.lora import Lora
 from peftlab.methods.prefix import PrefixTuning
 from peftlab.methods.prompt import PromptTuning
+from peftlab.models import pickle_refused
 
 CONFIG, WEIGHTS, HEAD = "adapter_config.json", "adapter_model.safetensors", "head.safetensors"
 
@@ -73,31 +74,72 @@ def save_adapter(out: str | Path, method: Method, model: nn.Module, backbone_mod
 
 def method_from_config(cfg: dict) -> Method:
     kind = cfg.get("peft_type")
-    if kind == "LORA":
-        targets = cfg["target_modules"]
-        targets = ",".join(targets) if isinstance(targets, list) else targets
-        return Lora(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0), targets=targets,
-                    rslora=cfg.get("use_rslora", False))
-    if kind == "PROMPT_TUNING":
-        return PromptTuning(cfg["num_virtual_tokens"], init="random")
-    if kind == "PREFIX_TUNING":
-        return PrefixTuning(cfg["num_virtual_tokens"])
-    if kind == "IA3":
-        return IA3()
-    if kind == "BOTTLENECK":
-        return Adapters(cfg["adapter"], cfg["reduction"], cfg["scaling"], cfg.get("at"))
+    try:
+        if kind == "LORA":
+            targets = cfg["target_modules"]
+            targets = ",".join(targets) if isinstance(targets, list) else targets
+            return Lora(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0), targets=targets,
+                        rslora=cfg.get("use_rslora", False))
+        if kind == "PROMPT_TUNING":
+            return PromptTuning(cfg["num_virtual_tokens"], init="random")
+        if kind == "PREFIX_TUNING":
+            return PrefixTuning(cfg["num_virtual_tokens"])
+        if kind == "IA3":
+            return IA3()
+        if kind == "BOTTLENECK":
+            return Adapters(cfg["adapter"], cfg["reduction"], cfg["scaling"], cfg.get("at"))
+    except KeyError as e:
+        raise PeftlabError(f"{CONFIG} of a {kind} adapter lacks the setting {e}; re-export the adapter") from None
+    except TypeError as e:  # a setting of the wrong type, e.g. r: "8"
+        raise PeftlabError(f"{CONFIG} of a {kind} adapter has a setting of the wrong type ({e}); "
+                           "re-export the adapter") from None
     raise PeftlabError(f"adapter type '{kind}' is not supported; supported: LORA, PROMPT_TUNING, PREFIX_TUNING, "
                        "IA3, BOTTLENECK")
 
 
-def load_adapter(path: str | Path, model: nn.Module, backbone_model: nn.Module) -> Method:
-    """Apply the adapter in `path` (PEFT layout) to `model` and load its weights; returns the method."""
+def _check_adapter_dir(path: Path) -> None:
+    """An adapter is read from adapter_config.json and safetensors only; pickle files are refused."""
+    if not path.is_dir():
+        raise PeftlabError(f"adapter directory '{path}' does not exist; give a folder with {CONFIG} and {WEIGHTS}")
+    if not (path / CONFIG).is_file():
+        raise PeftlabError(f"'{path}' has no {CONFIG}; give a PEFT adapter folder ({CONFIG} + {WEIGHTS})")
+    if not (path / WEIGHTS).is_file():
+        pickled = path / "adapter_model.bin"
+        if pickled.is_file():
+            raise pickle_refused(pickled)
+        raise PeftlabError(f"'{path}' has no {WEIGHTS}; give a PEFT adapter folder ({CONFIG} + {WEIGHTS})")
+
+
+def _same_base(a: str, b: str) -> bool:
+    """Two model names or paths naming the same base (paths compared resolved)."""
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def load_adapter(path: str | Path, model: nn.Module, backbone_model: nn.Module, base: str | None = None) -> Method:
+    """Apply the adapter in `path` (PEFT layout) to `model` and load its weights; returns the method.
+
+    `base`, when given, is the name of the model loaded: an adapter whose `base_model_name_or_path`
+    names another model is refused before anything changes.
+    """
     path = Path(path)
+    _check_adapter_dir(path)
     cfg = load_json(path / CONFIG)
-    method = method_from_config(cfg)
-    method.apply(model)
-    prefix = _body_prefix(backbone_model, model.arch.body)
+    if not isinstance(cfg, dict):
+        raise PeftlabError(f"'{path / CONFIG}' holds a JSON {type(cfg).__name__}, not an object; re-export the adapter")
+    theirs_base = cfg.get("base_model_name_or_path")
+    if base and isinstance(theirs_base, str) and theirs_base and not _same_base(base, theirs_base):
+        raise PeftlabError(f"the adapter in '{path}' was trained on '{theirs_base}', not on '{base}'; load it onto "
+                           f"'{theirs_base}' (its base_model_name_or_path)")
     weights = load_weights(path / WEIGHTS)
+    method = method_from_config(cfg)
+    try:
+        method.apply(model)
+    except PeftlabError as e:
+        raise PeftlabError(f"the adapter in '{path}' does not fit this model ({e}); was it trained on another base "
+                           f"model? Its {CONFIG} names '{theirs_base}'") from e
+    prefix = _body_prefix(backbone_model, model.arch.body)
     params = dict(model.named_parameters())
     wanted = {to_peft_key(n, prefix): n for n in params if to_peft_key(n, prefix) in weights}
     ours = {id(t) for t in method.trainable(model)}
@@ -105,16 +147,22 @@ def load_adapter(path: str | Path, model: nn.Module, backbone_model: nn.Module) 
     if missing:
         raise PeftlabError(f"'{path / WEIGHTS}' lacks {len(missing)} tensors of this adapter (e.g. {missing[0]}); "
                            "the file is incomplete or from another base model")
-    theirs = set(weights) - set(wanted)
-    if theirs:
-        raise PeftlabError(f"'{path / WEIGHTS}' has {len(theirs)} tensors this model has no place for "
-                           f"(e.g. {sorted(theirs)[0]}); was it trained on another base model?")
+    extra = set(weights) - set(wanted)
+    if extra:
+        raise PeftlabError(f"'{path / WEIGHTS}' has {len(extra)} tensors this model has no place for "
+                           f"(e.g. {min(extra)}); was it trained on another base model?")
+    for key, name in wanted.items():  # every shape first: a mismatch leaves no half-loaded model
+        if params[name].shape != weights[key].shape:
+            raise PeftlabError(f"'{key}' has shape {tuple(weights[key].shape)}, the model expects "
+                               f"{tuple(params[name].shape)}; was it trained on another base model?")
     with torch.no_grad():
         for key, name in wanted.items():
-            if params[name].shape != weights[key].shape:
-                raise PeftlabError(f"'{key}' has shape {tuple(weights[key].shape)}, the model expects "
-                                   f"{tuple(params[name].shape)}; was it trained on another base model?")
             params[name].copy_(weights[key])
     if (path / HEAD).is_file():
-        model.head.load_state_dict({k.removeprefix("head."): v for k, v in load_weights(path / HEAD).items()})
+        try:
+            model.head.load_state_dict({k.removeprefix("head."): v for k, v in load_weights(path / HEAD).items()})
+        except RuntimeError as e:  # torch's message for missing keys or other sizes
+            raise PeftlabError(f"'{path / HEAD}' does not fit this model's task head ({first_line(e)}); was it "
+                               "trained with another label set?") from None
     return method
+

@@ -4,6 +4,8 @@ A run directory holds:
   config.json            the resolved RunConfig
   metrics.json           test and best validation metrics, parameter counts, time, memory, history
   trainable.safetensors  the trained parameters (method's and head's) of the best epoch
+  checkpoint.safetensors while training: the latest training state (weights, optimizer, RNG,
+                         position) for `--resume`; removed when the run finishes
 """
 
 import dataclasses
@@ -20,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from peftlab.batching import Encoded, encode
-from peftlab.checkpoint import atomic_write_text, load_json, load_weights, save_json, save_weights
+from peftlab.checkpoint import atomic_write_text, check_free_space, load_checkpoint, load_json, load_weights, \
+    save_checkpoint, save_json, save_weights
+from peftlab.config import build
 from peftlab.data import Task, load_task, per_class, subset
 from peftlab.decode import Sampling
 from peftlab.errors import PeftlabError
@@ -30,12 +34,15 @@ from peftlab.generation import GenTask, Pairs, collate_pairs, encode_pairs, eval
 from peftlab.heads import POOLINGS, Classifier, LanguageModel
 from peftlab.measure import PeakMemory, machine, versions
 from peftlab.methods import MethodArgs, parse_method, set_trainable, trainable_names
+from peftlab.methods.prefix import PrefixTuning
+from peftlab.methods.prompt import PromptTuning
 from peftlab.models import Backbone, load_backbone
 from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join, learning_tasks, multi_metrics, \
     plan_batches
 from peftlab.train import TensorBoard, TrainArgs, evaluate, logits_fn, predict, train
 
 CONFIG, METRICS, WEIGHTS = "config.json", "metrics.json", "trainable.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
 PREDICTIONS = "predictions.jsonl"  # generation runs: each test prompt's output and reference
 
 
@@ -85,6 +92,8 @@ class RunConfig:
                                   "and train the top from a disk cache"})
     tensorboard: bool = field(default=False, metadata={"help": "log loss, learning rate and validation metrics "
                                                        "to <run dir>/tensorboard (pip install tensorboard)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "let a hub model run its own Python code "
+                                                             "(only for models you trust)"})
     seed: int = field(default=0, metadata={"help": "seeds data order, subsets and head init"})
     out: str | None = field(default=None, metadata={"help": "run directory (default runs/<model>-<task>-<method>-<time>)"})
     train: TrainArgs = field(default_factory=TrainArgs)
@@ -116,9 +125,9 @@ class RunConfig:
                 raise PeftlabError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        """A saved config; keys from a newer peftlab are warned about and ignored."""
+        return build(cls, d, where)
 
 
 @dataclass
@@ -165,7 +174,8 @@ def prepare(cfg: RunConfig, backbone: Backbone | None = None, transfer: bool = T
         task = load_gen_task(cfg.task, input_column=cfg.input_column, target_column=cfg.target_column, seed=cfg.seed)
     else:
         task = load_task(cfg.task, text_column=cfg.text_column, label_column=cfg.label_column, seed=cfg.seed)
-    backbone = backbone or load_backbone(cfg.model, seed=cfg.seed)
+    backbone = backbone or load_backbone(cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+    _check_context(cfg, method, backbone.model.config)
     tok = backbone.tokenizer
     limits = {"train": cfg.train_limit, "validation": cfg.eval_limit, "test": cfg.eval_limit}
     torch.manual_seed(cfg.seed)
@@ -215,6 +225,16 @@ def prepare(cfg: RunConfig, backbone: Backbone | None = None, transfer: bool = T
     return Prepared(backbone, model, task, data, trainable, cfg.train.lr or method.default_lr, carried)
 
 
+def _check_context(cfg: RunConfig, method, config) -> None:
+    """Texts of --max-length tokens plus the virtual tokens must fit the model's positions."""
+    context = getattr(config, "max_position_embeddings", None)
+    virtual = sum(p.n for p in getattr(method, "parts", [method]) if isinstance(p, (PromptTuning, PrefixTuning)))
+    if context and virtual < context < cfg.max_length + virtual:  # (too many virtual tokens alone: the method says)
+        plus = f" + {virtual} virtual tokens" if virtual else ""
+        raise PeftlabError(f"--max-length {cfg.max_length}{plus} exceeds {cfg.model}'s {context}-position context; "
+                           f"use --max-length {context - virtual} or less")
+
+
 def load_transfer(model: torch.nn.Module, cfg: RunConfig) -> list[str]:
     """Load a finished run's trained tensors into this model (transfer); returns their names.
 
@@ -225,6 +245,9 @@ def load_transfer(model: torch.nn.Module, cfg: RunConfig) -> list[str]:
     if not (src / METRICS).is_file():
         raise PeftlabError(f"--init-from '{src}' is not a finished run (no {METRICS}); train it to the end first")
     record = load_json(src / METRICS)
+    if record.get("model") != cfg.model:
+        raise PeftlabError(f"--init-from '{src}' was trained on '{record.get('model')}', but this run uses "
+                           f"'{cfg.model}'; transfer needs the same base model")
     src_tasks = list(record["tasks"]) if record.get("kind") == "multitask" else [record["task"]]
     weights = load_weights(src / WEIGHTS)
     if isinstance(model, MultiTaskClassifier) and len(src_tasks) == 1:
@@ -297,19 +320,28 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / name
 
 
-def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: bool = True) -> dict:
-    """Train and evaluate one run; write its directory. Returns the metrics record."""
+def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: bool = True,
+              resume: bool = False) -> dict:
+    """Train and evaluate one run; write its directory. Returns the metrics record.
+
+    resume: continue from the run directory's checkpoint when it has one (else start afresh).
+    """
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     _check_writable(out)
+    ckpt_path = out / CHECKPOINT
+    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     t_start = time.perf_counter()
     with PeakMemory() as mem:
         p = prepare(cfg, backbone)
+        _check_space(out, p)
         save_json(out / CONFIG, dataclasses.asdict(cfg))
         t_cache = time.perf_counter()
         attach_caches(p, cfg, progress)
         cache_seconds = time.perf_counter() - t_cache
-        best: dict = {}
         saved = set(p.trainable) | set(p.carried)  # transferred tensors travel with the run
+        best: dict = {}
+        if ckpt and ckpt[1]["position"]["best_epoch"]:  # the best epoch's weights were written before
+            best.update(epoch=ckpt[1]["position"]["best_epoch"], state=load_weights(out / WEIGHTS))
 
         def on_best(ep) -> None:
             state = {n: t.detach().clone() for n, t in p.model.named_parameters() if n in saved}
@@ -326,10 +358,11 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
                                               bucket=cfg.train.bucket, tasks=tasks)
         log = TensorBoard(out) if cfg.tensorboard else None
         t_train = time.perf_counter()
-        history = train(p.model, p.data["train"].lengths, batch_loss_fn(p), validate, cfg.train, lr=p.lr,
-                        seed=cfg.seed, metric=p.task.metric, on_best=on_best, progress=progress, plan=plan,
-                        also=tuple(f"{t.name}/{t.metric}" for t in p.task.tasks) if p.multi else (),
-                        **(log.hooks() if log else {}))
+        end = train(p.model, p.data["train"].lengths, batch_loss_fn(p), validate, cfg.train, lr=p.lr,
+                    seed=cfg.seed, metric=p.task.metric, on_best=on_best, progress=progress, plan=plan,
+                    also=tuple(f"{t.name}/{t.metric}" for t in p.task.tasks) if p.multi else (),
+                    save=lambda c: save_checkpoint(ckpt_path, *c), resume=ckpt, **(log.hooks() if log else {}))
+        history = end.history
         train_seconds = time.perf_counter() - t_train
         if log:
             log.close()
@@ -348,6 +381,7 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         "trainable_params": n_train, "total_params": n_total, "trainable_pct": 100 * n_train / n_total,
         "lr": p.lr, "train_rows": len(p.data["train"]), "test_rows": len(p.data["test"]),
         "truncated_texts": {s: e.truncated for s, e in p.data.items()},
+        "skipped_batches": end.skipped, "resumes": end.resumes,  # times are this process's alone
         "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_seconds,
         "time_per_epoch_s": [e.seconds for e in history], "test_time_s": test_seconds,
         "tokens_per_s": sum(e.tokens for e in history) / max(1e-9, sum(e.seconds for e in history)),
@@ -361,15 +395,28 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         record["initial_validation"] = initial
         record["frozen"] = cfg.freeze
     save_json(out / METRICS, record)
+    ckpt_path.unlink(missing_ok=True)  # the run is finished: its record and best weights are what stays
     return record
+
+
+def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
+    """Continue an interrupted run from its last checkpoint, with its saved settings."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise PeftlabError(f"'{run_dir}' is not a run directory (no {CONFIG}); give the --out of the run to continue")
+    if (run_dir / METRICS).is_file():
+        raise PeftlabError(f"'{run_dir}' is a finished run; nothing to resume (evaluate it with `peftlab eval`)")
+    cfg = RunConfig.from_dict(load_json(run_dir / CONFIG), f"'{run_dir / CONFIG}'")
+    cfg.out = str(run_dir)
+    return train_run(cfg, progress=progress, resume=True)
 
 
 def load_run(run_dir: str | Path, backbone: Backbone | None = None) -> tuple[RunConfig, Prepared]:
     """Rebuild a finished run's model with its trained weights."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise PeftlabError(f"run directory '{run_dir}' does not exist")
-    cfg = RunConfig.from_dict(load_json(run_dir / CONFIG))
+        raise PeftlabError(f"run directory '{run_dir}' does not exist; check the path (peftlab train --out names it)")
+    cfg = RunConfig.from_dict(load_json(run_dir / CONFIG), f"'{run_dir / CONFIG}'")
     p = prepare(cfg, backbone, transfer=False)  # transferred tensors were saved with the run
     weights = load_weights(run_dir / WEIGHTS)
     missing = sorted(set(p.trainable) - set(weights))
@@ -406,6 +453,14 @@ def _check_writable(out: Path) -> None:
         raise PeftlabError(f"cannot write to run directory '{out}' ({e.strerror}); choose another with --out") from e
     if (out / METRICS).exists():
         raise PeftlabError(f"'{out}' already holds a finished run; choose a new --out or delete it")
+
+
+def _check_space(out: Path, p: Prepared) -> None:
+    # a checkpoint holds the trained tensors and AdamW's two moments; a write needs room for the
+    # new file beside the old one, plus the best epoch's weights
+    params = dict(p.model.named_parameters())
+    weights = sum(params[n].numel() * params[n].element_size() for n in p.trainable)
+    check_free_space(out, 2 * 3 * weights + weights + 16 * 2**20, "the run's checkpoints")
 
 
 def fmt_params(n: int) -> str:

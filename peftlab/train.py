@@ -5,6 +5,7 @@ AdamW, warmup then linear/cosine decay, gradient accumulation, clipping, evaluat
 best epoch by the validation metric.
 """
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -39,6 +40,10 @@ class TrainArgs:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size for evaluation"})
     bucket: bool = field(default=True, metadata={"help": "batch examples of similar length together"})
+    save_every: int = field(default=200, metadata={"help": "write a checkpoint every N optimizer steps (and "
+                                                    "when each epoch's batches are done); 0: at epochs only"})
+    skip_nonfinite: bool = field(default=False, metadata={"help": "skip a batch whose loss or gradient is not "
+                                                          "finite (default: save and stop)"})
 
     def __post_init__(self) -> None:
         checks = [
@@ -46,6 +51,7 @@ class TrainArgs:
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
             (self.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (self.save_every >= 0, "--save-every must be >= 0 (0: checkpoints at epochs only)"),
             (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.head_lr > 0, f"--head-lr must be positive, got {self.head_lr}"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
@@ -132,19 +138,94 @@ def evaluate(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int, side:
     return classification_metrics(logits.argmax(-1), enc.labels), loss
 
 
+@dataclass
+class Position:
+    """Where training stands between two optimizer steps: with the weights, the optimizer and the
+    RNG, enough to continue exactly (a checkpoint holds all of it)."""
+
+    epoch: int = 0  # the epoch under way (0-based)
+    batch: int = 0  # its next batch
+    loss_sum: float = 0.0  # over the epoch's batches so far
+    seen: int = 0  # batches that count in loss_sum
+    tokens: int = 0
+    seconds: float = 0.0  # spent in the epoch so far
+    best: float = -math.inf
+    best_epoch: int = 0
+    skipped: int = 0  # batches skipped for a non-finite loss or gradient
+    resumes: int = 0
+    history: list[Epoch] = field(default_factory=list)
+
+
+Checkpoint = tuple[dict[str, torch.Tensor], dict]  # tensors, and the JSON-able rest
+
+
+def training_state(model: nn.Module, opt: torch.optim.Optimizer, sched, pos: Position,
+                   rng: torch.Tensor) -> Checkpoint:
+    """The trainable weights, optimizer moments, RNG and position as tensors + JSON."""
+    tensors = {f"param.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    sd = opt.state_dict()
+    scalars = {}
+    for i, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{i}.{k}"] = v
+            else:
+                scalars[f"{i}.{k}"] = v
+    tensors["rng.torch"] = rng
+    return tensors, {"position": dataclasses.asdict(pos), "param_groups": sd["param_groups"],
+                     "opt_scalars": scalars, "scheduler": sched.state_dict()}
+
+
+def restore_state(model: nn.Module, opt: torch.optim.Optimizer, sched, ckpt: Checkpoint) -> Position:
+    tensors, state = ckpt
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {k[len("param."):] for k in tensors if k.startswith("param.")}
+    if saved != set(params):
+        raise PeftlabError(f"the checkpoint trains {len(saved)} tensors, this run {len(params)}: it belongs to "
+                           "another model or method; start the run again without --resume")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+    opt_state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = v
+    for k, v in state["opt_scalars"].items():
+        i, name = k.split(".", 1)
+        opt_state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    pos = Position(**{**state["position"], "history": [Epoch(**e) for e in state["position"]["history"]]})
+    pos.resumes += 1
+    return pos
+
+
+def _grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
 def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarray], tuple[torch.Tensor, int]],
           validate: Callable[[], tuple[dict, float]], args: TrainArgs, *, lr: float, seed: int, metric: str,
           on_best: Callable[[Epoch], None] = lambda e: None, progress: bool = True,
           plan: Callable[[int], list[np.ndarray]] | None = None,
           on_step: Callable[[int, float, float], None] = lambda step, loss, lr: None,
-          on_epoch: Callable[[Epoch], None] = lambda e: None, also: tuple[str, ...] = ()) -> list[Epoch]:
+          on_epoch: Callable[[Epoch], None] = lambda e: None, also: tuple[str, ...] = (),
+          save: Callable[[Checkpoint], None] | None = None, resume: Checkpoint | None = None) -> Position:
     """Train the parameters that require grad; call `on_best` after each epoch that improves `metric`.
 
     The task enters through two functions: `batch_loss(indices)` gives the loss of those training
     examples and their token count, `validate()` the validation metrics and loss. `plan(epoch)`
-    gives an epoch's batches (default: shuffled, length-bucketed batches of all examples).
+    gives an epoch's batches (default: shuffled, length-bucketed batches of all examples; a plan
+    must be a function of the epoch alone, so that a resumed run sees the same batches).
     `on_step(step, loss, lr)` and `on_epoch(epoch)` see every optimizer step and epoch (logging);
     `also` names more validation metrics for the epoch line (a multi-task run's 'cola/mcc', ...).
+    `save(checkpoint)` is called every `args.save_every` steps, when an epoch's batches are done
+    and before stopping on a non-finite loss; `resume` continues from such a checkpoint.
+    Returns the final position (its `history` holds one Epoch per epoch).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -153,47 +234,75 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
     plan = plan or (lambda epoch: batch_indices(lengths, args.batch_size, shuffle=True, seed=seed + epoch,
                                                 bucket=args.bucket))
     first = plan(0)
-    n_batches = len(first)
-    steps_per_epoch = math.ceil(n_batches / args.grad_accum)
+    steps_per_epoch = math.ceil(len(first) / args.grad_accum)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.schedule, int(args.warmup_ratio * total), total))
-    history: list[Epoch] = []
-    best = -math.inf
+    pos = restore_state(model, opt, sched, resume) if resume is not None else Position()
+    checkpoint = (lambda rng: save(training_state(model, opt, sched, pos, rng))) if save else (lambda rng: None)
     model.train()
-    for epoch in range(args.epochs):
-        batches = first if epoch == 0 else plan(epoch)
-        t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None if progress else True,
-                   unit="batch", dynamic_ncols=True)
-        for i, idx in enumerate(bar):
-            loss, n_tokens = batch_loss(idx)
-            if not torch.isfinite(loss):
-                raise PeftlabError(f"the loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; "
-                                   "lower --lr (or --head-lr) or keep --max-grad-norm on")
-            (loss / args.grad_accum).backward()
-            if (i + 1) % args.grad_accum == 0 or i + 1 == len(batches):
-                if args.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    while pos.epoch < args.epochs:
+        batches = first if pos.epoch == 0 else plan(pos.epoch)
+        t0 = time.perf_counter() - pos.seconds
+        bar = tqdm(total=len(batches), initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{args.epochs}", leave=False,
+                   disable=None if progress else True, unit="batch", dynamic_ncols=True)
+        for g0 in range(pos.batch, len(batches), args.grad_accum):
+            group = range(g0, min(g0 + args.grad_accum, len(batches)))
+            rng = torch.get_rng_state()  # a checkpoint taken now must replay this group's dropout
+            loss_sum, tokens, bad = 0.0, 0, None
+            for i in group:
+                loss, n_tokens = batch_loss(batches[i])
+                if not torch.isfinite(loss):
+                    bad = f"the loss became {loss.item()}"
+                    break
+                (loss / args.grad_accum).backward()
+                loss_sum, tokens = loss_sum + loss.item(), tokens + n_tokens
+            if bad is None:
+                norm = _grad_norm(params, args.max_grad_norm)
+                if not torch.isfinite(norm):
+                    bad = f"the gradient norm became {norm.item()}"
+            step = sched.last_epoch
+            if bad is not None:
+                opt.zero_grad(set_to_none=True)
+                span = f"batch {g0 + 1}" if len(group) == 1 else f"batches {g0 + 1}-{group.stop}"
+                where = f"at step {step + 1} (epoch {pos.epoch + 1}, {span})"
+                if not args.skip_nonfinite:
+                    pos.seconds = time.perf_counter() - t0
+                    checkpoint(rng)
+                    saved = "; the state before that step is saved (--resume continues from it)" if save else ""
+                    raise PeftlabError(f"{bad} {where}{saved}; lower --lr (or --head-lr), keep --max-grad-norm "
+                                       "on, or pass --skip-nonfinite true to skip such batches")
+                pos.skipped += len(group)
+                tqdm.write(f"warning: {bad} {where}; skipped those batches ({pos.skipped} so far)")
+            else:
                 opt.step()
-                on_step(sched.last_epoch, loss.item(), sched.get_last_lr()[0])
+                on_step(step, loss_sum / len(group), sched.get_last_lr()[0])
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            loss_sum += loss.item()
-            tokens += n_tokens
-            bar.set_postfix(loss=f"{loss_sum / (i + 1):.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+                pos.loss_sum += loss_sum
+                pos.seen += len(group)
+                pos.tokens += tokens
+            pos.batch = group.stop
+            bar.update(len(group))
+            bar.set_postfix(loss=f"{pos.loss_sum / max(1, pos.seen):.4f}",
+                            tok_s=f"{pos.tokens / (time.perf_counter() - t0):.0f}")
+            if pos.batch == len(batches) or (args.save_every and sched.last_epoch % args.save_every == 0):
+                pos.seconds = time.perf_counter() - t0
+                checkpoint(torch.get_rng_state())
+        bar.close()
         seconds = time.perf_counter() - t0
         val, val_loss = validate()
-        ep = Epoch(epoch + 1, loss_sum / len(batches), val_loss, val, seconds, tokens)
-        history.append(ep)
+        ep = Epoch(pos.epoch + 1, pos.loss_sum / max(1, pos.seen), val_loss, val, seconds, pos.tokens)
+        pos.history.append(ep)
         on_epoch(ep)
         if progress:
             parts = "".join(f"  {k} {val[k]:.4f}" for k in also if k in val)
             tqdm.write(f"epoch {ep.epoch}: train loss {ep.train_loss:.4f}  val loss {val_loss:.4f}  "
-                       f"val {metric} {val[metric]:.4f}{parts}  ({seconds:.1f}s, {tokens / seconds:.0f} tok/s)")
-        if val[metric] > best:
-            best = val[metric]
+                       f"val {metric} {val[metric]:.4f}{parts}  ({seconds:.1f}s, {pos.tokens / seconds:.0f} tok/s)")
+        if val[metric] > pos.best:
+            pos.best, pos.best_epoch = val[metric], ep.epoch
             on_best(ep)
-    return history
+        pos.epoch, pos.batch, pos.loss_sum, pos.seen, pos.tokens, pos.seconds = pos.epoch + 1, 0, 0.0, 0, 0, 0.0
+    return pos
 
 
 class TensorBoard:

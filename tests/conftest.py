@@ -17,27 +17,27 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
+def toy_rows(n: int, rng) -> list[dict]:
+    """Rows of the toy task: label 'fruit' iff the text names a fruit (`rng`: a random.Random)."""
+    out = []
+    for _ in range(n):
+        words = rng.sample(["table", "river", "cloud", "stone", "music", "window", "garden", "paper", "train",
+                            "light"], 4)
+        label = rng.random() < 0.5
+        if label:
+            words.insert(rng.randrange(5), rng.choice(["apple", "banana", "cherry", "mango"]))
+        out.append({"text": " ".join(words), "label": "fruit" if label else "none"})
+    return out
+
+
 @pytest.fixture
 def toy_task(tmp_path):
     """A folder task a tiny model can learn: label 1 iff the text mentions a fruit."""
     import random
 
     rng = random.Random(0)
-    fruit = ["apple", "banana", "cherry", "mango"]
-    other = ["table", "river", "cloud", "stone", "music", "window", "garden", "paper", "train", "light"]
-
-    def rows(n):
-        out = []
-        for _ in range(n):
-            words = rng.sample(other, 4)
-            label = rng.random() < 0.5
-            if label:
-                words.insert(rng.randrange(5), rng.choice(fruit))
-            out.append({"text": " ".join(words), "label": "fruit" if label else "none"})
-        return out
-
     for split, n in (("train", 400), ("validation", 100), ("test", 200)):
-        write_jsonl(tmp_path / "toy" / f"{split}.jsonl", rows(n))
+        write_jsonl(tmp_path / "toy" / f"{split}.jsonl", toy_rows(n, rng))
     return str(tmp_path / "toy")
 
 

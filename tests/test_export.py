@@ -82,5 +82,5 @@ def test_yaml_mix_with_per_part_settings(tmp_path):
     want = 2 * (2 * (64 + 64)) + 2 * ((64 * 8 + 8) + (8 * 64 + 64)) + 130
     assert sum(params[n].numel() for n in trainable_names(m, method)) == want
     spec.write_text("method:\n  - lora: {rank: 2}\n")
-    with pytest.raises(PeftlabError, match=r"unknown setting\(s\) \['rank'\] for 'lora'"):
+    with pytest.raises(PeftlabError, match=r"part 'lora': unknown setting\(s\) \['rank'\]"):
         parse_method(str(spec))

@@ -47,21 +47,28 @@ defaults: {{model: tiny-gpt2, task: {toy_task}, epochs: 1, train_limit: 60, eval
 grid: {{method: [head, last-1, bias], seed: [0]}}
 """)
     import peftlab.lab
+    import peftlab.run
 
     real, calls = peftlab.lab.train_run, []
+    evaluate = peftlab.run.evaluate_split
 
-    def interrupted(cfg, progress):  # the second cell dies as a killed process would
+    def killed_in_validation(*a, **k):  # the second cell dies as a killed process would, its batches done
+        raise KeyboardInterrupt
+
+    def interrupted(cfg, progress, resume):
         calls.append(cfg.method)
-        if cfg.method == "last-1":
-            raise KeyboardInterrupt
-        return real(cfg, progress=progress)
+        monkeypatch.setattr(peftlab.run, "evaluate_split", killed_in_validation if cfg.method == "last-1" else evaluate)
+        return real(cfg, progress=progress, resume=resume)
     monkeypatch.setattr(peftlab.lab, "train_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(path, tmp_path / "exp", progress=False)
     assert calls == ["head", "last-1"]
-    monkeypatch.setattr(peftlab.lab, "train_run", lambda cfg, progress: (calls.append(cfg.method), real(cfg, progress=progress))[1])
+    monkeypatch.setattr(peftlab.run, "evaluate_split", evaluate)
+    monkeypatch.setattr(peftlab.lab, "train_run", lambda cfg, progress, resume: (calls.append(cfg.method),
+                                                                               real(cfg, progress=progress, resume=resume))[1])
     rows = run_experiment(path, tmp_path / "exp", progress=False)
     assert calls == ["head", "last-1", "last-1", "bias"]  # head was not re-run
+    assert [r["resumes"] for r in map(lambda r: json.loads(r["record"]), rows) if r["method"] == "last-1"] == [1]
     assert sorted(r["method"] for r in rows) == ["bias", "head", "last-1"] and {r["status"] for r in rows} == {"done"}
     for r in rows:  # every index row says what the run's own record says
         record = json.loads((tmp_path / "exp" / "runs" / r["id"] / "metrics.json").read_text())

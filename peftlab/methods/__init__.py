@@ -25,7 +25,8 @@ from typing import Protocol
 from torch import nn
 
 from peftlab.checkpoint import load_yaml
-from peftlab.errors import PeftlabError
+from peftlab.config import build
+from peftlab.errors import PeftlabError, unknown
 from peftlab.methods.adapters import PLACEMENTS, Adapters
 from peftlab.methods.ia3 import IA3
 from peftlab.methods.lora import DEFAULT_TARGETS, Lora
@@ -109,8 +110,7 @@ def _parse_one(spec: str, args: MethodArgs) -> Method:
     for pattern, parser, _ in PARSERS:
         if re.fullmatch(pattern, spec):
             return parser(spec, args)
-    valid = ", ".join([shown for _, _, shown in PARSERS] + list(ALIASES))
-    raise PeftlabError(f"unknown method '{spec}'; valid: {valid} (join several with '+')")
+    raise unknown("method", spec, [shown for _, _, shown in PARSERS] + list(ALIASES), "join several with '+'")
 
 
 def parse_method(spec: str, args: MethodArgs | None = None) -> Method:
@@ -136,18 +136,15 @@ def _parse_yaml(path: Path, args: MethodArgs) -> Method:
     items = doc.get("method") if isinstance(doc, dict) else None
     if not isinstance(items, list) or not items:
         raise PeftlabError(f"method file '{path}' needs a 'method:' list, e.g. [{{lora: {{lora_r: 8}}}}]")
-    known = {f.name for f in dataclasses.fields(MethodArgs)}
     parts, names = [], []
     for item in items:
         name, opts = next(iter(item.items())) if isinstance(item, dict) and len(item) == 1 else (item, {})
         if not isinstance(name, str) or not isinstance(opts or {}, dict):
             raise PeftlabError(f"method file '{path}': each entry is a name or {{name: {{settings}}}}, got {item!r}")
-        bad = sorted(set(opts or {}) - known)
-        if bad:
-            raise PeftlabError(f"method file '{path}': unknown setting(s) {bad} for '{name}'; "
-                               f"valid: {', '.join(sorted(known))}")
+        part = build(MethodArgs, {**dataclasses.asdict(args), **(opts or {})}, f"method file '{path}', part '{name}'",
+                     unknown="error")
         names.append(name)
-        parts.append(parse_method(name, dataclasses.replace(args, **(opts or {}))))
+        parts.append(parse_method(name, part))
     if len(set(names)) < len(names) or ("full" in names and len(names) > 1):
         raise PeftlabError(f"method file '{path}' lists a part twice or mixes 'full' with others")
     return parts[0] if len(parts) == 1 else Mix(parts, "+".join(names))

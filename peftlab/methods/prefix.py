@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
+from peftlab.methods.prompt import check_room
 from peftlab.virtual import prefill
 
 
@@ -101,6 +102,7 @@ class PrefixTuning:
     def apply(self, model: nn.Module) -> None:
         if getattr(model, "prefix", None) is not None:
             raise PeftlabError("the model already has a prefix; a spec may hold one prefix method")
+        check_room(self.n, model.arch.body.config)  # the prefix takes the first positions
         layers, kv, d = kv_shape(model.arch.body.config)
         model.prefix = Prefix(self.n, layers, kv, d, self.projection)
         if self.init == "tokens" and not self.projection and model.arch.causal:

@@ -12,6 +12,16 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 
+INITS = ("text", "vocab", "random")
+
+
+def check_room(n: int, config) -> None:
+    """Virtual tokens take positions of the model's context: refuse as many as it has."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and n >= limit:
+        raise PeftlabError(f"--virtual-tokens {n} leaves no room for text in this model's {limit}-position "
+                           f"context; use fewer, e.g. --virtual-tokens {min(20, limit // 2)}")
+
 
 class SoftPrompt(nn.Module):
     """(B,) -> (B, n, H) virtual input embeddings. `embedding` matches HF PEFT's PromptEmbedding."""
@@ -57,13 +67,13 @@ class PromptTuning:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise PeftlabError(f"--virtual-tokens must be at least 1, got {self.n}")
+        if self.init not in INITS:  # fail before the model loads
+            raise PeftlabError(f"--prompt-init '{self.init}' is unknown; valid: {', '.join(INITS)}")
 
     def apply(self, model: nn.Module) -> None:
         if getattr(model, "prompt", None) is not None:
             raise PeftlabError("the model already has a soft prompt; a spec may hold one prompt method")
-        limit = getattr(model.arch.body.config, "max_position_embeddings", None)
-        if limit is not None and self.n >= limit:
-            raise PeftlabError(f"--virtual-tokens {self.n} leaves no room in a {limit}-position context")
+        check_room(self.n, model.arch.body.config)
         if self.init == "text" and model.tokenizer is None:
             raise PeftlabError("--prompt-init text needs the model's tokenizer; build the model from a backbone")
         init = init_vectors(self.n, model.arch.embeddings, self.init, self.text, model.tokenizer)
