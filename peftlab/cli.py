@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from peftlab.speed import tune_allocator
+
+    tune_allocator()  # before any tensor: every command allocates less often from the kernel
     try:
         return COMMANDS[args.command](args) or 0
     except PeftlabError as e:

@@ -19,6 +19,7 @@ from torch import nn
 
 from peftlab.arch import Arch
 from peftlab.errors import PeftlabError
+from peftlab.speed import in_fp32
 from peftlab.virtual import body_inputs
 
 Pooling = Literal["auto", "last", "first", "mean"]
@@ -118,7 +119,8 @@ class Classifier(nn.Module):
         return not isinstance(self.head, LabelWords)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+        with in_fp32(features):
+            return self.head(features.float())
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if isinstance(self.head, LabelWords):

@@ -24,6 +24,7 @@ from peftlab.methods import trainable_names
 from peftlab.methods.lora import lora_layers, per_row
 from peftlab.methods.prompt import SoftPrompt
 from peftlab.metrics import classification_metrics
+from peftlab.speed import in_fp32
 
 SAMPLERS = ("proportional", "uniform", "temperature")
 
@@ -114,10 +115,12 @@ class MultiTaskClassifier(Classifier):
         return like.new_full((len(task_ids), max(self.num_labels)), torch.finfo(like.dtype).min)
 
     def classify(self, features: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        features = features.float()
         out = self._padded(task_ids, features)
         for k in task_ids.unique().tolist():
             rows = task_ids == k
-            out[rows, :self.num_labels[k]] = self.head[self.task_names[k]](features[rows]).to(out.dtype)
+            with in_fp32(features):  # see speed.in_fp32
+                out[rows, :self.num_labels[k]] = self.head[self.task_names[k]](features[rows])
         return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

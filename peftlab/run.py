@@ -287,9 +287,10 @@ def evaluate_split(p: Prepared, cfg: RunConfig, split: str, progress: bool = Fal
     enc, cache = p.data[split], p.caches.get(split)
     if p.multi:
         logits, loss = predict(p.model, enc, logits_fn(p.model, enc, tok.pad_token_id, tok.padding_side, cache),
-                               cfg.train.eval_batch_size)
+                               cfg.train.eval_batch_size, precision=cfg.train.precision)
         return multi_metrics(logits, enc, p.task.tasks), loss, None
-    metrics, loss = evaluate(p.model, enc, cfg.train.eval_batch_size, tok.pad_token_id, tok.padding_side, cache)
+    metrics, loss = evaluate(p.model, enc, cfg.train.eval_batch_size, tok.pad_token_id, tok.padding_side, cache,
+                             cfg.train.precision)
     return metrics, loss, None
 
 

@@ -23,6 +23,7 @@ from peftlab.batching import Encoded, batch_indices, collate
 from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, logits_from_cache
 from peftlab.metrics import classification_metrics
+from peftlab.speed import PRECISIONS, Precision, autocast, tune_allocator
 
 
 @dataclass
@@ -44,6 +45,8 @@ class TrainArgs:
                                                     "when each epoch's batches are done); 0: at epochs only"})
     skip_nonfinite: bool = field(default=False, metadata={"help": "skip a batch whose loss or gradient is not "
                                                           "finite (default: save and stop)"})
+    precision: Precision = field(default="auto", metadata={"help": "auto: bf16 autocast where the CPU has bf16 "
+                                                           "instructions, else fp32; or bf16, fp32"})
 
     def __post_init__(self) -> None:
         checks = [
@@ -58,6 +61,7 @@ class TrainArgs:
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 turns clipping off)"),
             (self.schedule in ("linear", "cosine", "constant"), "--schedule must be linear, cosine or constant"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -114,15 +118,16 @@ def logits_fn(model: nn.Module, enc: Encoded, pad_id: int, side: str, cache: Fea
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, bucket: bool = True
-            ) -> tuple[np.ndarray, float]:
+def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, bucket: bool = True,
+            precision: str = "fp32") -> tuple[np.ndarray, float]:
     """Logits for every example in the original order, and the mean cross-entropy."""
     was_training = model.training
     model.eval()
     out_all = None
     loss_sum = 0.0
     for idx in batch_indices(enc.lengths, batch_size, shuffle=False, bucket=bucket):
-        out = logits(idx).float()
+        with autocast(precision):
+            out = logits(idx).float()
         loss_sum += F.cross_entropy(out, torch.as_tensor(enc.labels[idx]), reduction="sum").item()
         if out_all is None:
             out_all = np.zeros((len(enc), out.shape[-1]), dtype=np.float32)
@@ -132,9 +137,9 @@ def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, buc
 
 
 def evaluate(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int, side: str,
-             cache: FeatureCache | None = None) -> tuple[dict, float]:
+             cache: FeatureCache | None = None, precision: str = "fp32") -> tuple[dict, float]:
     """Metrics (accuracy, macro-F1, MCC) and mean loss on one split."""
-    logits, loss = predict(model, enc, logits_fn(model, enc, pad_id, side, cache), batch_size)
+    logits, loss = predict(model, enc, logits_fn(model, enc, pad_id, side, cache), batch_size, precision=precision)
     return classification_metrics(logits.argmax(-1), enc.labels), loss
 
 
@@ -230,6 +235,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise PeftlabError("nothing to train: the method selected no parameters")
+    tune_allocator()
     opt = make_optimizer(model, lr, args.head_lr, args.weight_decay)
     plan = plan or (lambda epoch: batch_indices(lengths, args.batch_size, shuffle=True, seed=seed + epoch,
                                                 bucket=args.bucket))
@@ -250,7 +256,8 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
             rng = torch.get_rng_state()  # a checkpoint taken now must replay this group's dropout
             loss_sum, tokens, bad = 0.0, 0, None
             for i in group:
-                loss, n_tokens = batch_loss(batches[i])
+                with autocast(args.precision):  # the forward pass; backward follows the same dtypes
+                    loss, n_tokens = batch_loss(batches[i])
                 if not torch.isfinite(loss):
                     bad = f"the loss became {loss.item()}"
                     break

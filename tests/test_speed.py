@@ -1,0 +1,53 @@
+"""Fast defaults must not change results: allocator tuning, precision, length bucketing."""
+
+import numpy as np
+import pytest
+import torch
+
+from peftlab.batching import encode
+from peftlab.errors import PeftlabError
+from peftlab.run import RunConfig, train_run
+from peftlab.speed import cpu_has_bf16, resolve, tune_allocator
+from peftlab.train import TrainArgs, logits_fn, predict
+from tests.conftest import adapted
+
+
+def test_the_allocator_is_tuned_on_glibc():
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert tune_allocator() is True
+    x = torch.randn(4096, 4096)  # large blocks still allocate and free normally
+    assert torch.isfinite(x @ x[:, :8]).all()
+
+
+def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16():
+    assert resolve("auto") == ("bf16" if cpu_has_bf16() else "fp32")
+    assert resolve("fp32") == "fp32" and resolve("bf16") == "bf16"
+    with pytest.raises(PeftlabError, match="--precision 'fp16' is unknown; valid: auto, bf16, fp32"):
+        resolve("fp16")
+    with pytest.raises(PeftlabError, match="--precision must be one of auto, bf16, fp32"):
+        TrainArgs(precision="fp8")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
+def test_bucketing_gives_the_same_predictions_as_no_bucketing(name):
+    b, m, _ = adapted(name, "lora")
+    rng = np.random.default_rng(0)
+    words = ["apple", "river", "stone", "cloud", "music", "paper", "light"]
+    texts = [" ".join(rng.choice(words, size=int(n))) for n in rng.integers(1, 30, size=40)]
+    enc = encode(texts, [0] * 40, b.tokenizer, 64, "test")
+    fn = logits_fn(m, enc, b.tokenizer.pad_token_id, b.tokenizer.padding_side)
+    bucketed, _ = predict(m, enc, fn, batch_size=8, bucket=True)
+    plain, _ = predict(m, enc, fn, batch_size=8, bucket=False)
+    np.testing.assert_allclose(bucketed, plain, atol=1e-5, rtol=1e-5)  # each row as itself, whatever its batch
+
+
+def test_bf16_training_reaches_fp32_quality_on_a_toy_task(toy_task, tmp_path):
+    def run(precision):
+        cfg = RunConfig(model="tiny-llama", task=toy_task, method="full", out=str(tmp_path / precision),
+                        train=TrainArgs(epochs=4, batch_size=16, lr=3e-3, precision=precision))
+        return train_run(cfg, progress=False)["test"]["accuracy"]
+    fp32, bf16 = run("fp32"), run("bf16")
+    assert fp32 >= 0.95 and abs(bf16 - fp32) <= 0.02, (fp32, bf16)
