@@ -7,6 +7,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
+from peftlab.speed import release_memory
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -34,6 +36,7 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        release_memory()  # the tuned allocator keeps freed memory: a run after another would count it
         self._peak = self._start = rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()

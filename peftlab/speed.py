@@ -39,6 +39,14 @@ def tune_allocator() -> bool:
                ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 1 << 28)))
 
 
+def release_memory() -> None:
+    """Hand the heap's free memory back to the kernel (glibc malloc_trim): once, between runs,
+    not every step."""
+    if platform.system() == "Linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @functools.cache
 def cpu_has_bf16() -> bool:
     """Native bf16 matmul instructions (AVX512-BF16 or AMX); without them bf16 is emulated, slower."""
