@@ -39,6 +39,17 @@ def _atomic(path: Path, write) -> None:
             os.remove(tmp)
 
 
+# Weights saved with Python's pickle (torch.save): loading one can run any code its author put in it.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def pickle_refused(path: Path) -> PeftlabError:
+    """The error for a pickle-based weights file, which peftlab never loads."""
+    return PeftlabError(f"'{path}' is a pickle file, and pickle files can run arbitrary code when loaded, so peftlab "
+                        "reads safetensors only; convert it to safetensors where you trust it (e.g. load it with "
+                        "transformers and call save_pretrained, which writes model.safetensors)")
+
+
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     # contiguous copies: safetensors refuses views and tensors that share storage (tied weights)
     data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}

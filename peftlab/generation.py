@@ -19,20 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftlab.batching import batch_indices, check_template, fill, fit_template, pad_rows
-from peftlab.data import (
-    FORMATS,
-    _read_file,
-    _read_folder,
-    _split_one,
-    _value_kind,
-    data_roots,
-    missing_column,
-)
+from peftlab.data import data_roots
 from peftlab.decode import Sampling, generate, trim_at_stop
 from peftlab.errors import PeftlabError, unknown
+from peftlab.files import FORMATS, SPLITS, missing_column, read_file, read_folder, split_one, value_kind
 from peftlab.metrics import generation_metrics
 
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -90,7 +82,7 @@ def load_gen_task(task: str, *, input_column: str | None = None, target_column: 
         if folder is None:
             raise PeftlabError(f"task '{task}' was not found under {', '.join(map(str, data_roots()))}; set "
                                f"PEFTLAB_DATA to a folder holding {spec.folder}/train.jsonl")
-        raw = _read_folder(folder)
+        raw = read_folder(folder)
         try:
             splits = {s: _render(raw[s].filter(spec.rows), s, spec.text, spec.target) for s in SPLITS}
         except KeyError as e:
@@ -108,7 +100,7 @@ def load_gen_task(task: str, *, input_column: str | None = None, target_column: 
                            "--input-column question --target-column answer")
     if input_column == target_column:
         raise PeftlabError(f"--input-column and --target-column are both '{input_column}'; name two columns")
-    raw = _read_folder(path) if path.is_dir() else _split_one(_read_file(path), seed)
+    raw = read_folder(path) if path.is_dir() else split_one(read_file(path), seed)
     for s in SPLITS:
         for col, flag in ((input_column, "--input-column"), (target_column, "--target-column")):
             if col not in raw[s].column_names:
@@ -122,7 +114,7 @@ def _render(ds: Dataset, split: str, text: Callable[[dict], str], target: str) -
     for i, (x, y) in enumerate(rows):
         for what, v in (("input", x), ("target", y)):
             if not isinstance(v, str):
-                raise PeftlabError(f"{split} row {i}: the {what} is {_value_kind(v)}, not a string; fix or drop the row")
+                raise PeftlabError(f"{split} row {i}: the {what} is {value_kind(v)}, not a string; fix or drop the row")
     if not rows:
         raise PeftlabError(f"the {split} split has no rows; give it at least one")
     return Dataset.from_dict({"text": [x for x, _ in rows], "target": [y for _, y in rows]})

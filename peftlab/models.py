@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from peftlab.arch import Arch, describe, family
+from peftlab.checkpoint import PICKLE_SUFFIXES, pickle_refused
 from peftlab.errors import PeftlabError, first_line, unknown
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,17 +90,6 @@ def load_backbone(name: str, *, seed: int = 0, trust_remote_code: bool = False) 
     arch = describe(model)
     _setup_padding(tok, model, arch.causal)
     return Backbone(name=name, model=model.float().eval(), tokenizer=tok, arch=arch)
-
-
-# Weights saved with Python's pickle (torch.save): loading one can run any code its author put in it.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-def pickle_refused(path: Path) -> PeftlabError:
-    """The error for a pickle-based weights file, which peftlab never loads."""
-    return PeftlabError(f"'{path}' is a pickle file, and pickle files can run arbitrary code when loaded, so peftlab "
-                        "reads safetensors only; convert it to safetensors where you trust it (e.g. load it with "
-                        "transformers and call save_pretrained, which writes model.safetensors)")
 
 
 def _check_local(path: Path) -> None:

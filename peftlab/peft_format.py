@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftlab.checkpoint import load_json, load_weights, save_json, save_weights
+from peftlab.checkpoint import load_json, load_weights, pickle_refused, save_json, save_weights
 from peftlab.errors import PeftlabError, first_line
 from peftlab.methods import Method, Mix
 from peftlab.methods.adapters import Adapters
@@ -23,7 +23,6 @@ from peftlab.methods.ia3 import IA3
 from peftlab.methods.lora import Lora
 from peftlab.methods.prefix import PrefixTuning
 from peftlab.methods.prompt import PromptTuning
-from peftlab.models import pickle_refused
 
 CONFIG, WEIGHTS, HEAD = "adapter_config.json", "adapter_model.safetensors", "head.safetensors"
 

@@ -33,9 +33,7 @@ from peftlab.generation import GenTask, Pairs, collate_pairs, encode_pairs, eval
     is_generation, lm_loss, load_gen_task
 from peftlab.heads import POOLINGS, Classifier, LanguageModel
 from peftlab.measure import PeakMemory, machine, versions
-from peftlab.methods import MethodArgs, parse_method, set_trainable, trainable_names
-from peftlab.methods.prefix import PrefixTuning
-from peftlab.methods.prompt import PromptTuning
+from peftlab.methods import MethodArgs, parse_method, positions, set_trainable, trainable_names
 from peftlab.models import Backbone, load_backbone
 from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join, learning_tasks, multi_metrics, \
     plan_batches
@@ -228,7 +226,7 @@ def prepare(cfg: RunConfig, backbone: Backbone | None = None, transfer: bool = T
 def _check_context(cfg: RunConfig, method, config) -> None:
     """Texts of --max-length tokens plus the virtual tokens must fit the model's positions."""
     context = getattr(config, "max_position_embeddings", None)
-    virtual = sum(p.n for p in getattr(method, "parts", [method]) if isinstance(p, (PromptTuning, PrefixTuning)))
+    virtual = positions(method)
     if context and virtual < context < cfg.max_length + virtual:  # (too many virtual tokens alone: the method says)
         plus = f" + {virtual} virtual tokens" if virtual else ""
         raise PeftlabError(f"--max-length {cfg.max_length}{plus} exceeds {cfg.model}'s {context}-position context; "

@@ -150,6 +150,11 @@ def _parse_yaml(path: Path, args: MethodArgs) -> Method:
     return parts[0] if len(parts) == 1 else Mix(parts, "+".join(names))
 
 
+def positions(method: Method) -> int:
+    """Context positions a method's virtual tokens take (prompt and prefix tuning; 0 for the rest)."""
+    return sum(getattr(p, "positions", 0) for p in getattr(method, "parts", [method]))
+
+
 def trainable_names(model: nn.Module, method: Method, *, train_head: bool = True) -> list[str]:
     """The one answer to "what trains?": names of the method's parameters, plus the task head."""
     chosen = {id(p) for p in method.trainable(model)}

@@ -91,6 +91,11 @@ class PrefixTuning:
     default_lr: float = 3e-3
     name: str = "prefix"
 
+    @property
+    def positions(self) -> int:
+        """Context positions the virtual tokens take before the text."""
+        return self.n
+
     def __post_init__(self) -> None:
         if self.n < 1:
             raise PeftlabError(f"--virtual-tokens must be at least 1, got {self.n}")

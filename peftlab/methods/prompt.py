@@ -64,6 +64,11 @@ class PromptTuning:
     default_lr: float = 3e-2
     name: str = "prompt"
 
+    @property
+    def positions(self) -> int:
+        """Context positions the virtual tokens take before the text."""
+        return self.n
+
     def __post_init__(self) -> None:
         if self.n < 1:
             raise PeftlabError(f"--virtual-tokens must be at least 1, got {self.n}")
