@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (RunConfig, TrainArgs, MethodArgs, Sampling):
         add_dataclass_flags(t, cls)
     t.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run from its last "
-                   "checkpoint, with the settings in its config.json (give no other flags)")
+                   "checkpoint, with the settings in its config.json (give no other flags but --nproc)")
+    t.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine: runs the same "
+                   "command under torchrun (default: 1); several machines: see the README")
 
     c = sub.add_parser("compare", help="train several methods with the same settings and print a table")
     c.add_argument("--methods", required=True, help="comma-separated method specs, e.g. head,last-1,full")
@@ -144,12 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from peftlab import parallel
     from peftlab.speed import tune_allocator
 
     tune_allocator()  # before any tensor: every command allocates less often from the kernel
     try:
+        if getattr(args, "nproc", 1) != 1 and not parallel.launched():
+            return _launch(argv, args.nproc)
+        if parallel.launched() and args.command != "train":
+            raise PeftlabError(f"`peftlab {args.command}` runs in one process; under torchrun use `peftlab train`")
         return COMMANDS[args.command](args) or 0
     except PeftlabError as e:
         print(f"peftlab: error: {e}", file=sys.stderr)
@@ -157,6 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("peftlab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if parallel.world() > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _launch(argv: list[str], nproc: int) -> int:
+    from peftlab import parallel
+
+    if nproc < 1:
+        raise PeftlabError(f"--nproc must be at least 1, got {nproc}")
+    i = argv.index("--nproc") if "--nproc" in argv else None
+    rest = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--nproc=")]
+    return parallel.launch(rest, nproc)
 
 
 def _quiet_libraries() -> None:
@@ -174,13 +197,16 @@ def cmd_train(args) -> None:
     from peftlab.compare import print_table
     from peftlab.run import RunConfig, resume_run, train_run
 
+    from peftlab import parallel
+
     cfg = config_from_args(args)
     if args.resume and cfg != RunConfig():
         raise PeftlabError(f"--resume continues '{args.resume}' with the settings in its config.json; "
-                           "give no other flags")
+                           "give no other flags but --nproc")
     record = resume_run(args.resume) if args.resume else train_run(cfg)
-    print_table([record])
-    print(f"run directory: {record['run_dir']}")
+    if parallel.is_main():
+        print_table([record])
+        print(f"run directory: {record['run_dir']}")
 
 
 def cmd_compare(args) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from peftlab import parallel
 from peftlab.virtual import body_inputs
 
 
@@ -73,7 +74,7 @@ def pick(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator: torch
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+@parallel.inference
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
              sampling: Sampling | None = None, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
              use_cache: bool = True, seed: int | None = None, stop_strings: tuple[str, ...] = (),
@@ -107,7 +108,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         done |= torch.isin(token, stops)
         if stop_strings:
             done |= _hit_stop_string(out[:, :t + 1], done, tokenizer, stop_strings)
-        if done.all():
+        if parallel.all_done(bool(done.all())):  # under torchrun: when every process's rows are
             return out[:, :t + 1]
         step_ids = token[:, None]
         seq = torch.cat([seq, step_ids], 1)

@@ -18,6 +18,7 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
+from peftlab import parallel
 from peftlab.batching import batch_indices, check_template, fill, fit_template, pad_rows
 from peftlab.data import data_roots
 from peftlab.decode import Sampling, generate, trim_at_stop
@@ -140,6 +141,10 @@ class Pairs:
         """The same rows without their targets: what decoding starts from."""
         return Pairs([x[:n] for x, n in zip(self.input_ids, self.prompt_len)], self.prompt_len, self.targets)
 
+    def target_tokens(self, idx: np.ndarray) -> int:
+        """How many tokens of rows `idx` the LM loss scores (each but a row's first is predicted)."""
+        return sum(len(self.input_ids[i]) - max(1, self.prompt_len[i]) for i in idx)
+
 
 def encode_pairs(texts: list[str], targets: list[str], tokenizer, template: str, max_length: int, *,
                  keep_end: bool = False, sep_ids: tuple[int, ...] = (), chat: bool = False,
@@ -185,16 +190,18 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "
     return F.cross_entropy(logits.float(), target[keep], reduction=reduction)
 
 
-@torch.inference_mode()
+@parallel.inference
 def validation_loss(model: nn.Module, data: Pairs, batch_size: int, pad_id: int) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for idx in batch_indices(data.lengths, batch_size, shuffle=False):
-        b = collate_pairs(data, idx, pad_id)
-        total += lm_loss(model, b, reduction="sum").item()
-        count += int((b["labels"][:, 1:] != -100).sum())
+    batches, real = parallel.my_batches(batch_indices(data.lengths, batch_size, shuffle=False))
+    for j, idx in enumerate(batches):  # under torchrun each process takes its share
+        loss = lm_loss(model, collate_pairs(data, idx, pad_id), reduction="sum").item()
+        if j < real:
+            total, count = total + loss, count + data.target_tokens(idx)
     model.train(was_training)
+    total, count = parallel.all_sum(total, count)
     return total / max(1, count)
 
 
@@ -204,17 +211,24 @@ def complete(model: nn.Module, tokenizer, prompts: Pairs, *, max_new_tokens: int
     """Decode every prompt (batched, longest first, left-padded); texts in the original order."""
     was_training = model.training
     model.eval()
-    out: list[str] = [""] * len(prompts)
+    out: dict[int, str] = {}
     pad = tokenizer.pad_token_id
-    batches = batch_indices(prompts.lengths, batch_size, shuffle=False)
-    for n, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True)):
-        ids, mask = pad_rows([torch.as_tensor(prompts.input_ids[i], dtype=torch.long) for i in idx], "left", pad)
-        new = generate(model, ids, mask, max_new_tokens, sampling, stop_ids=(tokenizer.eos_token_id,), pad_id=pad,
-                       seed=seed + n, stop_strings=stop_strings, tokenizer=tokenizer)
-        for i, row in zip(idx, new.tolist()):
-            out[i] = trim_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings).strip()
+    all_batches = batch_indices(prompts.lengths, batch_size, shuffle=False)
+    batches, real = parallel.my_batches(all_batches)  # under torchrun each process decodes its share
+    seeds = {id(b): seed + n for n, b in enumerate(all_batches)}  # a batch's seed whoever decodes it
+    progress = progress and parallel.is_main()
+    with parallel.gathered(model):
+        for j, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True)):
+            ids, mask = pad_rows([torch.as_tensor(prompts.input_ids[i], dtype=torch.long) for i in idx], "left", pad)
+            new = generate(model, ids, mask, max_new_tokens, sampling, stop_ids=(tokenizer.eos_token_id,),
+                           pad_id=pad, seed=seeds[id(idx)], stop_strings=stop_strings, tokenizer=tokenizer)
+            if j < real:
+                out.update({int(i): trim_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings).strip()
+                            for i, row in zip(idx, new.tolist())})
     model.train(was_training)
-    return out
+    for part in parallel.gather_objects(out):
+        out.update(part)
+    return [out[i] for i in range(len(prompts))]
 
 
 def evaluate_generation(model: nn.Module, tokenizer, data: Pairs, *, max_new_tokens: int, batch_size: int = 8,

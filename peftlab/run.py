@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from peftlab import parallel
 from peftlab.batching import Encoded, encode
 from peftlab.checkpoint import atomic_write_text, check_free_space, load_checkpoint, load_json, load_weights, \
     save_checkpoint, save_json, save_weights
@@ -324,8 +325,11 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
     """Train and evaluate one run; write its directory. Returns the metrics record.
 
     resume: continue from the run directory's checkpoint when it has one (else start afresh).
+    Under torchrun every process calls this; rank 0 alone writes the run directory.
     """
-    out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    parallel.init()
+    main = parallel.is_main()
+    out = Path(cfg.out) if cfg.out else parallel.gather_objects(default_run_dir(cfg))[0]  # rank 0's name
     _check_writable(out)
     ckpt_path = out / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
@@ -333,19 +337,27 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
     with PeakMemory() as mem:
         p = prepare(cfg, backbone)
         _check_space(out, p)
-        save_json(out / CONFIG, dataclasses.asdict(cfg))
+        if main:
+            save_json(out / CONFIG, dataclasses.asdict(cfg))
+        strategy = parallel.resolve(cfg.train.parallel, p.model, multi=p.multi)
+        if parallel.rank():  # dropout draws differ between processes (rank 0's match one process's)
+            torch.manual_seed(cfg.seed + parallel.rank())
         t_cache = time.perf_counter()
-        attach_caches(p, cfg, progress)
+        if strategy != "fsdp":  # sharded weights are read through the root's forward only
+            with parallel.first(main):  # rank 0 computes the feature files, the others then read them
+                attach_caches(p, cfg, progress and main)
         cache_seconds = time.perf_counter() - t_cache
         saved = set(p.trainable) | set(p.carried)  # transferred tensors travel with the run
         best: dict = {}
         if ckpt and ckpt[1]["position"]["best_epoch"]:  # the best epoch's weights were written before
             best.update(epoch=ckpt[1]["position"]["best_epoch"], state=load_weights(out / WEIGHTS))
+        batch_loss = parallel.wrap(p.model, batch_loss_fn(p), strategy, unused=p.multi)
 
         def on_best(ep) -> None:
-            state = {n: t.detach().clone() for n, t in p.model.named_parameters() if n in saved}
+            state = parallel.full_state(p.model, saved)
             best.update(epoch=ep.epoch, state=state)
-            save_weights(out / WEIGHTS, state)
+            if main:
+                save_weights(out / WEIGHTS, state)
 
         validate = lambda: evaluate_split(p, cfg, "validation")[:2]
         initial = validate()[0] if p.multi else None  # where each task starts: frozen heads are judged by it
@@ -355,22 +367,24 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
             plan = lambda epoch: plan_batches(p.data["train"], cfg.train.batch_size, sampler=cfg.sampler,
                                               temperature=cfg.sampler_temperature, seed=cfg.seed + epoch,
                                               bucket=cfg.train.bucket, tasks=tasks)
-        log = TensorBoard(out) if cfg.tensorboard else None
+        log = TensorBoard(out) if cfg.tensorboard and main else None
         t_train = time.perf_counter()
-        end = train(p.model, p.data["train"].lengths, batch_loss_fn(p), validate, cfg.train, lr=p.lr,
+        end = train(p.model, p.data["train"].lengths, batch_loss, validate, cfg.train, lr=p.lr,
                     seed=cfg.seed, metric=p.task.metric, on_best=on_best, progress=progress, plan=plan,
                     also=tuple(f"{t.name}/{t.metric}" for t in p.task.tasks) if p.multi else (),
-                    save=lambda c: save_checkpoint(ckpt_path, *c), resume=ckpt, **(log.hooks() if log else {}))
+                    save=lambda c: save_checkpoint(ckpt_path, *c) if main else None, resume=ckpt,
+                    weight=p.data["train"].target_tokens if p.generative else len, **(log.hooks() if log else {}))
         history = end.history
         train_seconds = time.perf_counter() - t_train
         if log:
             log.close()
-        p.model.load_state_dict(best["state"], strict=False)
+        parallel.load_state(p.model, best["state"])
         t_test = time.perf_counter()
-        test, test_loss, outputs = evaluate_split(p, cfg, "test", progress=progress)
+        test, test_loss, outputs = evaluate_split(p, cfg, "test", progress=progress and main)
         test_seconds = time.perf_counter() - t_test
-        if outputs is not None:
+        if outputs is not None and main:
             save_predictions(out / PREDICTIONS, p.data["test"], outputs)
+    [peak_mb] = parallel.all_max(mem.peak_mb)
     n_train, n_total = count_params(p.model, p.trainable)
     best_ep = history[best["epoch"] - 1]
     kind = "generation" if p.generative else "multitask" if p.multi else "classification"
@@ -384,7 +398,8 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_seconds,
         "time_per_epoch_s": [e.seconds for e in history], "test_time_s": test_seconds,
         "tokens_per_s": sum(e.tokens for e in history) / max(1e-9, sum(e.seconds for e in history)),
-        "peak_memory_mb": mem.peak_mb, "adapter_bytes": (out / WEIGHTS).stat().st_size,
+        "peak_memory_mb": peak_mb, "adapter_bytes": (out / WEIGHTS).stat().st_size if main else None,
+        "processes": parallel.world(), "parallel": strategy,
         "cached_features": {"cut": next(iter(p.caches.values())).point, "seconds": cache_seconds} if p.caches else None,
         "history": [dataclasses.asdict(e) for e in history],
         "run_dir": str(out), "versions": versions(), "machine": machine(),
@@ -393,8 +408,10 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         record["tasks"] = {t.name: t.metric for t in p.task.tasks}
         record["initial_validation"] = initial
         record["frozen"] = cfg.freeze
-    save_json(out / METRICS, record)
-    ckpt_path.unlink(missing_ok=True)  # the run is finished: its record and best weights are what stays
+    if main:
+        save_json(out / METRICS, record)
+        ckpt_path.unlink(missing_ok=True)  # the run is finished: its record and best weights are what stays
+    parallel.barrier()  # the run directory is complete before any process returns
     return record
 
 
@@ -445,7 +462,7 @@ def save_predictions(path: Path, data: Pairs, outputs: list[str]) -> None:
 def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{parallel.rank()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:

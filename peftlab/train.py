@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from peftlab import parallel
 from peftlab.batching import Encoded, batch_indices, collate
 from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, logits_from_cache
 from peftlab.metrics import classification_metrics
+from peftlab.parallel import STRATEGIES, Strategy
 from peftlab.speed import PRECISIONS, Precision, autocast, tune_allocator
 
 
@@ -47,6 +49,9 @@ class TrainArgs:
                                                           "finite (default: save and stop)"})
     precision: Precision = field(default="auto", metadata={"help": "auto: bf16 autocast where the CPU has bf16 "
                                                            "instructions, else fp32; or bf16, fp32"})
+    parallel: Strategy = field(default="auto", metadata={"help": "under torchrun: ddp (replicas), fsdp (sharded "
+                                                         "weights, gradients, optimizer state) or auto (fsdp once "
+                                                         "the trained state passes 8 GiB)"})
 
     def __post_init__(self) -> None:
         checks = [
@@ -62,6 +67,7 @@ class TrainArgs:
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 turns clipping off)"),
             (self.schedule in ("linear", "cosine", "constant"), "--schedule must be linear, cosine or constant"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+            (self.parallel in STRATEGIES, f"--parallel must be one of {', '.join(STRATEGIES)}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -76,6 +82,7 @@ class Epoch:
     val: dict[str, float]
     seconds: float
     tokens: int
+    losses: list[float] = field(default_factory=list)  # each optimizer step's training loss
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -117,7 +124,7 @@ def logits_fn(model: nn.Module, enc: Encoded, pad_id: int, side: str, cache: Fea
     return logits
 
 
-@torch.inference_mode()
+@parallel.inference
 def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, bucket: bool = True,
             precision: str = "fp32") -> tuple[np.ndarray, float]:
     """Logits for every example in the original order, and the mean cross-entropy."""
@@ -125,15 +132,18 @@ def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, buc
     model.eval()
     out_all = None
     loss_sum = 0.0
-    for idx in batch_indices(enc.lengths, batch_size, shuffle=False, bucket=bucket):
+    batches, real = parallel.my_batches(batch_indices(enc.lengths, batch_size, shuffle=False, bucket=bucket))
+    for j, idx in enumerate(batches):  # under torchrun each process takes its share of the batches
         with autocast(precision):
             out = logits(idx).float()
-        loss_sum += F.cross_entropy(out, torch.as_tensor(enc.labels[idx]), reduction="sum").item()
         if out_all is None:
             out_all = np.zeros((len(enc), out.shape[-1]), dtype=np.float32)
-        out_all[idx] = out.numpy()
+        if j < real:
+            loss_sum += F.cross_entropy(out, torch.as_tensor(enc.labels[idx]), reduction="sum").item()
+            out_all[idx] = out.numpy()
     model.train(was_training)
-    return out_all, loss_sum / max(1, len(enc))
+    [loss_sum] = parallel.all_sum(loss_sum)
+    return parallel.sum_arrays(out_all), loss_sum / max(1, len(enc))
 
 
 def evaluate(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int, side: str,
@@ -158,6 +168,7 @@ class Position:
     best_epoch: int = 0
     skipped: int = 0  # batches skipped for a non-finite loss or gradient
     resumes: int = 0
+    losses: list[float] = field(default_factory=list)  # the epoch's step losses so far
     history: list[Epoch] = field(default_factory=list)
 
 
@@ -167,16 +178,16 @@ Checkpoint = tuple[dict[str, torch.Tensor], dict]  # tensors, and the JSON-able 
 def training_state(model: nn.Module, opt: torch.optim.Optimizer, sched, pos: Position,
                    rng: torch.Tensor) -> Checkpoint:
     """The trainable weights, optimizer moments, RNG and position as tensors + JSON."""
-    tensors = {f"param.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {f"param.{n}": parallel.full(p.detach()) for n, p in model.named_parameters() if p.requires_grad}
     sd = opt.state_dict()
     scalars = {}
     for i, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{i}.{k}"] = v
+                tensors[f"opt.{i}.{k}"] = parallel.full(v)  # whole tensors: resumable by any number of processes
             else:
                 scalars[f"{i}.{k}"] = v
-    tensors["rng.torch"] = rng
+    tensors["rng.torch"] = parallel.gather_rng(rng)
     return tensors, {"position": dataclasses.asdict(pos), "param_groups": sd["param_groups"],
                      "opt_scalars": scalars, "scheduler": sched.state_dict()}
 
@@ -188,20 +199,19 @@ def restore_state(model: nn.Module, opt: torch.optim.Optimizer, sched, ckpt: Che
     if saved != set(params):
         raise PeftlabError(f"the checkpoint trains {len(saved)} tensors, this run {len(params)}: it belongs to "
                            "another model or method; start the run again without --resume")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[f"param.{n}"])
+    parallel.load_state(model, {n: tensors[f"param.{n}"] for n in params})
+    order = [p for g in opt.param_groups for p in g["params"]]  # the optimizer's own numbering
     opt_state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
             _, i, name = k.split(".", 2)
-            opt_state.setdefault(int(i), {})[name] = v
+            opt_state.setdefault(int(i), {})[name] = parallel.like(v, order[int(i)])
     for k, v in state["opt_scalars"].items():
         i, name = k.split(".", 1)
         opt_state.setdefault(int(i), {})[name] = v
     opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
+    parallel.set_rng(tensors["rng.torch"])
     pos = Position(**{**state["position"], "history": [Epoch(**e) for e in state["position"]["history"]]})
     pos.resumes += 1
     return pos
@@ -209,8 +219,10 @@ def restore_state(model: nn.Module, opt: torch.optim.Optimizer, sched, ckpt: Che
 
 def _grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return parallel.full(norm)  # under FSDP a replicated DTensor
 
 
 def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarray], tuple[torch.Tensor, int]],
@@ -219,7 +231,8 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
           plan: Callable[[int], list[np.ndarray]] | None = None,
           on_step: Callable[[int, float, float], None] = lambda step, loss, lr: None,
           on_epoch: Callable[[Epoch], None] = lambda e: None, also: tuple[str, ...] = (),
-          save: Callable[[Checkpoint], None] | None = None, resume: Checkpoint | None = None) -> Position:
+          save: Callable[[Checkpoint], None] | None = None, resume: Checkpoint | None = None,
+          weight: Callable[[np.ndarray], float] = len) -> Position:
     """Train the parameters that require grad; call `on_best` after each epoch that improves `metric`.
 
     The task enters through two functions: `batch_loss(indices)` gives the loss of those training
@@ -230,6 +243,8 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
     `also` names more validation metrics for the epoch line (a multi-task run's 'cola/mcc', ...).
     `save(checkpoint)` is called every `args.save_every` steps, when an epoch's batches are done
     and before stopping on a non-finite loss; `resume` continues from such a checkpoint.
+    Under torchrun every process runs this loop on its share of each batch; `weight(indices)`
+    says how much those rows count in the batch's mean loss (rows, or target tokens).
     Returns the final position (its `history` holds one Epoch per epoch).
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -246,6 +261,8 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
     pos = restore_state(model, opt, sched, resume) if resume is not None else Position()
     checkpoint = (lambda rng: save(training_state(model, opt, sched, pos, rng))) if save else (lambda rng: None)
     model.train()
+    progress = progress and parallel.is_main()
+    world = parallel.world()
     while pos.epoch < args.epochs:
         batches = first if pos.epoch == 0 else plan(pos.epoch)
         t0 = time.perf_counter() - pos.seconds
@@ -256,13 +273,16 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
             rng = torch.get_rng_state()  # a checkpoint taken now must replay this group's dropout
             loss_sum, tokens, bad = 0.0, 0, None
             for i in group:
+                rows, scale = parallel.share(batches[i], weight)
                 with autocast(args.precision):  # the forward pass; backward follows the same dtypes
-                    loss, n_tokens = batch_loss(batches[i])
-                if not torch.isfinite(loss):
-                    bad = f"the loss became {loss.item()}"
+                    loss, n_tokens = batch_loss(rows)
+                # the batch's loss and tokens over all processes: each decides alike what to do
+                value, n_tokens = parallel.all_sum(loss.item() * scale / world, n_tokens if scale else 0)
+                if not math.isfinite(value):
+                    bad = f"the loss became {value}"
                     break
-                (loss / args.grad_accum).backward()
-                loss_sum, tokens = loss_sum + loss.item(), tokens + n_tokens
+                (loss * scale / args.grad_accum).backward()
+                loss_sum, tokens = loss_sum + value, tokens + int(n_tokens)
             if bad is None:
                 norm = _grad_norm(params, args.max_grad_norm)
                 if not torch.isfinite(norm):
@@ -279,7 +299,8 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
                     raise PeftlabError(f"{bad} {where}{saved}; lower --lr (or --head-lr), keep --max-grad-norm "
                                        "on, or pass --skip-nonfinite true to skip such batches")
                 pos.skipped += len(group)
-                tqdm.write(f"warning: {bad} {where}; skipped those batches ({pos.skipped} so far)")
+                if parallel.is_main():
+                    tqdm.write(f"warning: {bad} {where}; skipped those batches ({pos.skipped} so far)")
             else:
                 opt.step()
                 on_step(step, loss_sum / len(group), sched.get_last_lr()[0])
@@ -288,6 +309,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
                 pos.loss_sum += loss_sum
                 pos.seen += len(group)
                 pos.tokens += tokens
+                pos.losses.append(loss_sum / len(group))
             pos.batch = group.stop
             bar.update(len(group))
             bar.set_postfix(loss=f"{pos.loss_sum / max(1, pos.seen):.4f}",
@@ -298,7 +320,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
         bar.close()
         seconds = time.perf_counter() - t0
         val, val_loss = validate()
-        ep = Epoch(pos.epoch + 1, pos.loss_sum / max(1, pos.seen), val_loss, val, seconds, pos.tokens)
+        ep = Epoch(pos.epoch + 1, pos.loss_sum / max(1, pos.seen), val_loss, val, seconds, pos.tokens, pos.losses)
         pos.history.append(ep)
         on_epoch(ep)
         if progress:
@@ -309,6 +331,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
             pos.best, pos.best_epoch = val[metric], ep.epoch
             on_best(ep)
         pos.epoch, pos.batch, pos.loss_sum, pos.seen, pos.tokens, pos.seconds = pos.epoch + 1, 0, 0.0, 0, 0, 0.0
+        pos.losses = []
     return pos
 
 

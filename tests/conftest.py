@@ -11,6 +11,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY = ("tiny-gpt2", "tiny-llama", "tiny-bert")
 
 
+def interrupt_run(monkeypatch, cfg, step: int) -> None:
+    """Train `cfg` in this process until it raises KeyboardInterrupt at optimizer step `step`
+    (as Ctrl-C would), leaving the run directory as an interrupted run leaves it."""
+    import torch
+
+    from peftlab.run import train_run
+
+    calls, real = {"n": 0}, torch.optim.AdamW.step
+
+    def stop(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+
+
 def write_jsonl(path, rows) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -33,12 +54,17 @@ def toy_rows(n: int, rng) -> list[dict]:
 @pytest.fixture
 def toy_task(tmp_path):
     """A folder task a tiny model can learn: label 1 iff the text mentions a fruit."""
+    return write_toy_task(tmp_path / "toy", (400, 100, 200))
+
+
+def write_toy_task(folder, sizes: tuple[int, int, int], seed: int = 0) -> str:
+    """The toy task's train/validation/test files in `folder`, with these many rows."""
     import random
 
-    rng = random.Random(0)
-    for split, n in (("train", 400), ("validation", 100), ("test", 200)):
-        write_jsonl(tmp_path / "toy" / f"{split}.jsonl", toy_rows(n, rng))
-    return str(tmp_path / "toy")
+    rng = random.Random(seed)
+    for split, n in zip(("train", "validation", "test"), sizes):
+        write_jsonl(folder / f"{split}.jsonl", toy_rows(n, rng))
+    return str(folder)
 
 
 def adapted(name: str, spec: str | None = None, **kw):

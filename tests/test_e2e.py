@@ -3,7 +3,7 @@ see docs/benchmarks.md; each sits well below what the run reached, above what ch
 
 import pytest
 
-from peftlab.run import RunConfig, eval_run, train_run
+from peftlab.run import RunConfig, train_run
 from peftlab.train import TrainArgs
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,6 @@ def test_smollm2_last_block_learns_sms_spam(tmp_path):
     assert r["test"]["accuracy"] >= 0.93 and r["test"]["macro_f1"] >= 0.85, r["test"]
     block = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576  # q,o + k,v (3 KV heads) + MLP + norms
     assert r["trainable_params"] == block + 576 + (576 * 2 + 2)  # + final norm + head
-    assert eval_run(tmp_path / "run")["accuracy"] == pytest.approx(r["test"]["accuracy"])
 
 
 def test_minilm_last_two_blocks_learn_sst2(tmp_path):

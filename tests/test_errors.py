@@ -269,6 +269,7 @@ CASES = [
          ("is a finished run; nothing to resume", "peftlab eval")),
     Case("resume-not-a-run", lambda c: ["train", "--resume", str(c.tmp)],
          ("is not a run directory (no config.json)", "give the --out of the run to continue")),
+    Case("nproc-zero", lambda c: ["train", "--nproc", "0"], ("--nproc must be at least 1",)),
     Case("out-not-writable", lambda c: train(folder(c.tmp), "--out", str(Path(put(c.tmp, "f", "")) / "run")),
          ("cannot write to run directory", "choose another with --out")),
     # -- safe loading

@@ -25,7 +25,7 @@ from peftlab.cli import main
 from peftlab.errors import PeftlabError
 from peftlab.run import CHECKPOINT, METRICS, WEIGHTS, RunConfig, resume_run, train_run
 from peftlab.train import TrainArgs, train
-from tests.conftest import toy_rows, write_jsonl
+from tests.conftest import interrupt_run, write_toy_task
 
 # LoRA dropout makes the run depend on the RNG; grad-accum 2 and save-every 3 put checkpoints
 # mid-epoch, between accumulation groups' boundaries and epochs.
@@ -57,10 +57,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 def reference(tmp_path_factory):
     """The uninterrupted run, and its toy task folder."""
     root = tmp_path_factory.mktemp("resume")
-    rng = random.Random(0)
-    for split, n in (("train", 160), ("validation", 40), ("test", 40)):
-        write_jsonl(root / "toy" / f"{split}.jsonl", toy_rows(n, rng))
-    task = str(root / "toy")
+    task = write_toy_task(root / "toy", (160, 40, 40))
     train_run(config(task, root / "ref"), progress=False)
     return task, root / "ref"
 
@@ -68,19 +65,7 @@ def reference(tmp_path_factory):
 def test_interrupted_in_process_then_resumed_is_bit_identical(reference, tmp_path, monkeypatch):
     task, ref = reference
     out = tmp_path / "run"
-    calls = {"n": 0}
-    step = torch.optim.AdamW.step
-
-    def stop_at_step_10(self, *a, **k):  # between two checkpoints (steps 9 and 12): work is replayed
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise KeyboardInterrupt
-        return step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", stop_at_step_10)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(config(task, out), progress=False)
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    interrupt_run(monkeypatch, config(task, out), 10)  # between two checkpoints (steps 9 and 12): work is replayed
     _, state = load_checkpoint(out / CHECKPOINT)
     assert state["position"]["epoch"] == 1 and state["scheduler"]["last_epoch"] == 9  # 8 steps an epoch
     record = resume_run(out, progress=False)
