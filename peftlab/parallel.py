@@ -19,8 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from peftlab.errors import PeftlabError
-
 Strategy = Literal["auto", "ddp", "fsdp"]
 STRATEGIES = ("auto", "ddp", "fsdp")
 # auto shards (FSDP) once the trained weights with their gradients and AdamW moments (16 bytes a
@@ -68,15 +66,10 @@ def first(leader: bool) -> Iterator[None]:
         barrier()
 
 
-def resolve(strategy: str, model: nn.Module, multi: bool = False) -> str:
+def resolve(strategy: str, model: nn.Module) -> str:
     """'none' in one process; else 'ddp' or 'fsdp' ('auto': by the size of the trained state)."""
     if world() == 1:
         return "none"
-    if multi:
-        # measured: under FSDP2 a multi-task model's root (embeddings, heads) got no gradients
-        if strategy == "fsdp":
-            raise PeftlabError("--parallel fsdp does not train multi-task runs yet; use --parallel ddp")
-        return "ddp"
     if strategy != "auto":
         return strategy
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -267,8 +260,14 @@ def inference(fn: Callable) -> Callable:
     them read-only for autograd."""
     @functools.wraps(fn)
     def run(model: nn.Module, *args, **kwargs):
-        with torch.no_grad() if sharded(model) else torch.inference_mode():
-            return fn(model, *args, **kwargs)
+        if not sharded(model):
+            with torch.inference_mode():
+                return fn(model, *args, **kwargs)
+        try:
+            with torch.no_grad():
+                return fn(model, *args, **kwargs)
+        finally:  # weights gathered without autograd must not serve the next training forward
+            model.reshard()
     return run
 
 

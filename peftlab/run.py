@@ -339,7 +339,7 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         _check_space(out, p)
         if main:
             save_json(out / CONFIG, dataclasses.asdict(cfg))
-        strategy = parallel.resolve(cfg.train.parallel, p.model, multi=p.multi)
+        strategy = parallel.resolve(cfg.train.parallel, p.model)
         if parallel.rank():  # dropout draws differ between processes (rank 0's match one process's)
             torch.manual_seed(cfg.seed + parallel.rank())
         t_cache = time.perf_counter()

@@ -9,6 +9,7 @@ within 4e-6; we assert 1e-4 on losses and 1e-4 on weights, and equal test metric
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,18 @@ def test_fsdp_full_fine_tuning_of_a_generator_matches_one_process(tasks, tmp_pat
     assert_close_runs(tmp_path / "one", tmp_path / "two")
     preds = [(tmp_path / r / "predictions.jsonl").read_text() for r in ("one", "two")]
     assert preds[0] == preds[1]
+
+
+def test_fsdp_multi_task_matches_one_process(tasks, tmp_path):
+    """Two task heads on one sharded body. The run validates before training (each task's
+    starting point): weights FSDP gathered without autograd must not serve the training forward
+    (they did, and the body's root got no gradients)."""
+    shutil.copytree(tasks / "toy", tmp_path / "toy2")
+    argv = [*COMMON, "--epochs", "1", "--method", "full", "--lr", "1e-3",
+            "--task", f"{tasks / 'toy'},{tmp_path / 'toy2'}"]
+    assert main(["train", *argv, "--out", str(tmp_path / "one")]) == 0
+    run(["-m", "peftlab", "train", *argv, "--out", str(tmp_path / "two"), "--nproc", "2", "--parallel", "fsdp"])
+    assert_close_runs(tmp_path / "one", tmp_path / "two")
 
 
 def test_run_interrupted_in_one_process_resumes_on_two_under_fsdp(tasks, lora_one, tmp_path, monkeypatch):
