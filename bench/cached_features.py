@@ -16,7 +16,8 @@ from pathlib import Path
 
 import peftlab.features
 from peftlab.measure import machine
-from peftlab.run import RunConfig, train_run
+from peftlab.run import train_run
+from peftlab.runconfig import RunConfig
 from peftlab.train import TrainArgs
 
 

@@ -21,7 +21,8 @@ from peftlab.batching import batch_indices, collate
 from peftlab.measure import PeakMemory, machine, versions
 from peftlab.metrics import classification_metrics
 from peftlab.models import peftlab_home
-from peftlab.run import RunConfig, prepare
+from peftlab.run import prepare
+from peftlab.runconfig import RunConfig
 from peftlab.train import TrainArgs, lr_lambda
 
 

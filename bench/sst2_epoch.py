@@ -26,7 +26,8 @@ from peftlab.data import load_task, subset
 from peftlab.measure import machine, versions
 from peftlab.methods import MethodArgs
 from peftlab.models import load_backbone, peftlab_home
-from peftlab.run import RunConfig, train_run
+from peftlab.run import train_run
+from peftlab.runconfig import RunConfig
 from peftlab.speed import tune_allocator
 from peftlab.train import TrainArgs
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from peftlab.measure import PeakMemory, machine, versions
 from peftlab.methods import MethodArgs
 from peftlab.models import load_backbone, peftlab_home
-from peftlab.run import RunConfig, prepare
+from peftlab.run import prepare
+from peftlab.runconfig import RunConfig
 from peftlab.speed import autocast, tune_allocator
 from peftlab.train import TrainArgs, train
 

@@ -14,7 +14,9 @@ from peftlab.heads import Classifier, LanguageModel
 from peftlab.methods import parse_method, trainable_names
 from peftlab.models import EMBEDDED, Backbone, load_backbone
 from peftlab.generator import load_generator
-from peftlab.run import RunConfig, eval_run, load_run, train_run
+from peftlab.run import train_run
+from peftlab.runconfig import RunConfig
+from peftlab.saved import eval_run, load_run
 from peftlab.train import TrainArgs
 
 __all__ = [

@@ -49,7 +49,7 @@ def _pick(ns: argparse.Namespace, cls) -> dict:
 def config_from_args(ns: argparse.Namespace, **override):
     from peftlab.decode import Sampling
     from peftlab.methods import MethodArgs
-    from peftlab.run import RunConfig
+    from peftlab.runconfig import RunConfig
     from peftlab.train import TrainArgs
 
     run_kw = {k: v for k, v in _pick(ns, RunConfig).items() if k not in ("train", "method_args", "decoding")}
@@ -67,7 +67,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from peftlab.decode import Sampling
     from peftlab.methods import MethodArgs
-    from peftlab.run import RunConfig
+    from peftlab.runconfig import RunConfig
     from peftlab.train import TrainArgs
 
     p = Parser(prog="peftlab", description="Fine-tune pretrained transformers cheaply and "
@@ -194,10 +194,11 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args) -> None:
-    from peftlab.compare import print_table
-    from peftlab.run import RunConfig, resume_run, train_run
-
     from peftlab import parallel
+    from peftlab.compare import print_table
+    from peftlab.run import train_run
+    from peftlab.runconfig import RunConfig
+    from peftlab.saved import resume_run
 
     cfg = config_from_args(args)
     if args.resume and cfg != RunConfig():
@@ -221,7 +222,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from peftlab.run import eval_run
+    from peftlab.saved import eval_run
 
     from peftlab.decode import Sampling
 

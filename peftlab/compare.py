@@ -8,8 +8,10 @@ from rich.console import Console
 from rich.table import Table
 
 from peftlab.checkpoint import save_json
+from peftlab.measure import fmt_params
 from peftlab.methods import parse_method
-from peftlab.run import RunConfig, default_run_dir, fmt_params, train_run
+from peftlab.run import default_run_dir, train_run
+from peftlab.runconfig import RunConfig
 
 
 def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[dict]:

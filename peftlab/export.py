@@ -10,7 +10,7 @@ from peftlab.errors import PeftlabError
 from peftlab.methods import merge, parse_method
 from peftlab.multitask import TaskPrompts
 from peftlab.peft_format import save_adapter
-from peftlab.run import load_run
+from peftlab.saved import load_run
 
 
 def _one_adapter(cfg, p) -> None:

@@ -213,15 +213,14 @@ def complete(model: nn.Module, tokenizer, prompts: Pairs, *, max_new_tokens: int
     model.eval()
     out: dict[int, str] = {}
     pad = tokenizer.pad_token_id
-    all_batches = batch_indices(prompts.lengths, batch_size, shuffle=False)
-    batches, real = parallel.my_batches(all_batches)  # under torchrun each process decodes its share
-    seeds = {id(b): seed + n for n, b in enumerate(all_batches)}  # a batch's seed whoever decodes it
+    # under torchrun each process decodes its share; a batch's seed is its number, whoever decodes it
+    batches, real = parallel.my_batches(list(enumerate(batch_indices(prompts.lengths, batch_size, shuffle=False))))
     progress = progress and parallel.is_main()
     with parallel.gathered(model):
-        for j, idx in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True)):
+        for j, (n, idx) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True)):
             ids, mask = pad_rows([torch.as_tensor(prompts.input_ids[i], dtype=torch.long) for i in idx], "left", pad)
             new = generate(model, ids, mask, max_new_tokens, sampling, stop_ids=(tokenizer.eos_token_id,),
-                           pad_id=pad, seed=seeds[id(idx)], stop_strings=stop_strings, tokenizer=tokenizer)
+                           pad_id=pad, seed=seed + n, stop_strings=stop_strings, tokenizer=tokenizer)
             if j < real:
                 out.update({int(i): trim_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings).strip()
                             for i, row in zip(idx, new.tolist())})

@@ -13,7 +13,8 @@ from peftlab.errors import PeftlabError
 from peftlab.generation import Pairs, complete, encode_pairs
 from peftlab.heads import LanguageModel
 from peftlab.models import load_backbone
-from peftlab.run import CONFIG, load_run
+from peftlab.run import CONFIG
+from peftlab.saved import load_run
 
 
 @dataclass

@@ -32,9 +32,10 @@ from peftlab.checkpoint import load_json, load_yaml, save_json
 from peftlab.config import build
 from peftlab.decode import Sampling
 from peftlab.errors import PeftlabError
-from peftlab.measure import PeakMemory, machine, versions
+from peftlab.measure import PeakMemory, fmt_params, machine, versions
 from peftlab.methods import MethodArgs, parse_method
-from peftlab.run import CONFIG, METRICS, RunConfig, fmt_params, train_run
+from peftlab.run import CONFIG, METRICS, train_run
+from peftlab.runconfig import RunConfig
 from peftlab.train import TrainArgs
 
 INDEX = "index.sqlite"

@@ -69,3 +69,12 @@ def machine() -> dict[str, object]:
     return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def count_params(model: torch.nn.Module, names: list[str]) -> tuple[int, int]:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in names), sum(p.numel() for p in params.values())
+
+
+def fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)

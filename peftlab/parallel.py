@@ -118,7 +118,7 @@ def all_done(done: bool) -> bool:
     return int(t) == 0
 
 
-def my_batches(batches: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
+def my_batches(batches: list) -> tuple[list, int]:
     """This process's evaluation batches, padded with repeats so every process runs as many
     forwards (FSDP's all-gathers need them all); the number of real ones."""
     n = world()

@@ -17,7 +17,7 @@ import numpy as np
 from peftlab.checkpoint import atomic_write_text
 from peftlab.errors import PeftlabError
 from peftlab.lab import query
-from peftlab.run import fmt_params
+from peftlab.measure import fmt_params
 
 PLOTS = "plots"
 

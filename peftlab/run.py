@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -25,108 +24,23 @@ from peftlab import parallel
 from peftlab.batching import Encoded, encode
 from peftlab.checkpoint import atomic_write_text, check_free_space, load_checkpoint, load_json, load_weights, \
     save_checkpoint, save_json, save_weights
-from peftlab.config import build
 from peftlab.data import Task, load_task, per_class, subset
-from peftlab.decode import Sampling
 from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, build_caches, cut_point
 from peftlab.generation import GenTask, Pairs, collate_pairs, encode_pairs, evaluate_generation, \
     is_generation, lm_loss, load_gen_task
-from peftlab.heads import POOLINGS, Classifier, LanguageModel
-from peftlab.measure import PeakMemory, machine, versions
-from peftlab.methods import MethodArgs, parse_method, positions, set_trainable, trainable_names
+from peftlab.heads import Classifier, LanguageModel
+from peftlab.measure import PeakMemory, count_params, machine, versions
+from peftlab.methods import parse_method, positions, set_trainable, trainable_names
 from peftlab.models import Backbone, load_backbone
 from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join, learning_tasks, multi_metrics, \
     plan_batches
-from peftlab.train import TensorBoard, TrainArgs, evaluate, logits_fn, predict, train
+from peftlab.runconfig import RunConfig
+from peftlab.train import TensorBoard, evaluate, logits_fn, predict, train
 
 CONFIG, METRICS, WEIGHTS = "config.json", "metrics.json", "trainable.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
 PREDICTIONS = "predictions.jsonl"  # generation runs: each test prompt's output and reference
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines a run (each field is also a CLI flag)."""
-
-    model: str = field(default="smollm2-135m", metadata={"help": "embedded name, GGUF file, model dir or hub id"})
-    task: str = field(default="sms_spam", metadata={"help": "built-in task, data file or data folder"})
-    method: str = field(default="last-block+norm", metadata={"help": "adaptation method, e.g. head, last-2, full"})
-    text_column: str | None = field(default=None, metadata={"help": "text column of a local data file"})
-    label_column: str | None = field(default=None, metadata={"help": "label column of a local data file"})
-    train_limit: int | None = field(default=None, metadata={"help": "train on a seeded, stratified subset of N rows"})
-    train_per_class: int | None = field(default=None, metadata={"help": "few-shot: train on N seeded rows of each "
-                                                                "label (classification; overrides --train-limit)"})
-    eval_limit: int | None = field(default=None, metadata={"help": "validate and test on N rows each"})
-    max_length: int = field(default=256, metadata={"help": "truncate texts to this many tokens"})
-    pooling: str = field(default="auto", metadata={"help": "auto, last, first or mean"})
-    head: Literal["linear", "label-words"] = field(
-        default="linear", metadata={"help": "a new linear head, or label-word scoring through the LM head"})
-    label_words: str | None = field(default=None, metadata={"help": "comma-separated words, one per label "
-                                                             "(default: the task's)"})
-    template: str | None = field(default=None, metadata={"help": "frame each text, e.g. 'Review: {text}\\nSentiment:' "
-                                                         "(default: the task's with label words, else the bare text)"})
-    input_column: str | None = field(default=None, metadata={"help": "input column of a local generation data file"})
-    target_column: str | None = field(default=None, metadata={"help": "target column of a local generation data "
-                                                              "file (makes the task generative)"})
-    sep_token: str | None = field(default=None, metadata={"help": "generation: a new separator token between input "
-                                                          "and target, its embedding trained (e.g. '<|sep|>')"})
-    chat: bool = field(default=False, metadata={"help": "generation: wrap prompts in the model's chat template"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "generation: tokens to decode at most "
-                                                               "(default: the task's)"})
-    freeze: str | None = field(default=None, metadata={"help": "freeze policies: backbone (no pretrained weight "
-                                                         "trains), network (only soft prompts/prefixes), head:TASK"})
-    init_from: str | None = field(default=None, metadata={"help": "transfer: start from a finished run's trained "
-                                                          "tensors (tasks new to it get fresh heads)"})
-    sampler: Literal["proportional", "uniform", "temperature"] = field(
-        default="proportional", metadata={"help": "multi-task: how often each task's batches come up"})
-    sampler_temperature: float = field(default=2.0, metadata={"help": "multi-task: T of the temperature sampler "
-                                                              "(task drawn with weight size^(1/T))"})
-    per_task_adapters: bool = field(default=False, metadata={"help": "multi-task: each task its own copy of the "
-                                                             "LoRA adapter, rows routed to their task's"})
-    bidirectional: bool = field(default=False, metadata={"help": "classify with a causal LM without its causal mask "
-                                                         "(pooling the first token)"})
-    cache_features: Literal["auto", "off"] = field(
-        default="auto", metadata={"help": "auto: when the bottom of the network is frozen, compute its features once "
-                                  "and train the top from a disk cache"})
-    tensorboard: bool = field(default=False, metadata={"help": "log loss, learning rate and validation metrics "
-                                                       "to <run dir>/tensorboard (pip install tensorboard)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "let a hub model run its own Python code "
-                                                             "(only for models you trust)"})
-    seed: int = field(default=0, metadata={"help": "seeds data order, subsets and head init"})
-    out: str | None = field(default=None, metadata={"help": "run directory (default runs/<model>-<task>-<method>-<time>)"})
-    train: TrainArgs = field(default_factory=TrainArgs)
-    method_args: MethodArgs = field(default_factory=MethodArgs)
-    decoding: Sampling = field(default_factory=Sampling)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.train, dict):
-            self.train = TrainArgs(**self.train)
-        if isinstance(self.method_args, dict):
-            self.method_args = MethodArgs(**self.method_args)
-        if isinstance(self.decoding, dict):
-            self.decoding = Sampling(**self.decoding)
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise PeftlabError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.template:
-            self.template = self.template.replace("\\n", "\n")  # '\n' typed in a shell means a newline
-        if self.head not in ("linear", "label-words"):
-            raise PeftlabError(f"--head '{self.head}' is unknown; valid: linear, label-words")
-        if self.cache_features not in ("auto", "off"):
-            raise PeftlabError(f"--cache-features '{self.cache_features}' is unknown; valid: auto, off")
-        if self.pooling not in POOLINGS:
-            raise PeftlabError(f"--pooling '{self.pooling}' is unknown; valid: {', '.join(POOLINGS)}")
-        if self.max_length < 2:
-            raise PeftlabError(f"--max-length must be at least 2, got {self.max_length}")
-        for name in ("train_limit", "eval_limit", "train_per_class"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise PeftlabError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
-        """A saved config; keys from a newer peftlab are warned about and ignored."""
-        return build(cls, d, where)
 
 
 @dataclass
@@ -308,11 +222,6 @@ def batch_loss_fn(p: Prepared) -> Callable[[np.ndarray], tuple[torch.Tensor, int
     return cls_loss
 
 
-def count_params(model: torch.nn.Module, names: list[str]) -> tuple[int, int]:
-    params = dict(model.named_parameters())
-    return sum(params[n].numel() for n in names), sum(p.numel() for p in params.values())
-
-
 def default_run_dir(cfg: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     tasks = "_".join(Path(t).stem for t in task_names(cfg))
@@ -415,45 +324,6 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
     return record
 
 
-def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
-    """Continue an interrupted run from its last checkpoint, with its saved settings."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise PeftlabError(f"'{run_dir}' is not a run directory (no {CONFIG}); give the --out of the run to continue")
-    if (run_dir / METRICS).is_file():
-        raise PeftlabError(f"'{run_dir}' is a finished run; nothing to resume (evaluate it with `peftlab eval`)")
-    cfg = RunConfig.from_dict(load_json(run_dir / CONFIG), f"'{run_dir / CONFIG}'")
-    cfg.out = str(run_dir)
-    return train_run(cfg, progress=progress, resume=True)
-
-
-def load_run(run_dir: str | Path, backbone: Backbone | None = None) -> tuple[RunConfig, Prepared]:
-    """Rebuild a finished run's model with its trained weights."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise PeftlabError(f"run directory '{run_dir}' does not exist; check the path (peftlab train --out names it)")
-    cfg = RunConfig.from_dict(load_json(run_dir / CONFIG), f"'{run_dir / CONFIG}'")
-    p = prepare(cfg, backbone, transfer=False)  # transferred tensors were saved with the run
-    weights = load_weights(run_dir / WEIGHTS)
-    missing = sorted(set(p.trainable) - set(weights))
-    if missing:
-        raise PeftlabError(f"'{run_dir / WEIGHTS}' lacks {len(missing)} trained tensors (e.g. {missing[0]}); "
-                           "it does not belong to this run's model and method")
-    p.model.load_state_dict(weights, strict=False)
-    return cfg, p
-
-
-def eval_run(run_dir: str | Path, split: str = "test", decoding: Sampling | None = None) -> dict[str, float]:
-    """Metrics of a saved run on one split; generation runs may decode with other `decoding` settings."""
-    if split not in ("train", "validation", "test"):
-        raise PeftlabError(f"--split '{split}' is unknown; valid: train, validation, test")
-    cfg, p = load_run(run_dir)
-    if decoding is not None:
-        cfg.decoding = decoding
-    metrics, loss, _ = evaluate_split(p, cfg, split)
-    return {**metrics, "loss": loss, "rows": len(p.data[split])}
-
-
 def save_predictions(path: Path, data: Pairs, outputs: list[str]) -> None:
     rows = [{"output": o, "reference": t} for o, t in zip(outputs, data.targets)]
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -477,9 +347,3 @@ def _check_space(out: Path, p: Prepared) -> None:
     params = dict(p.model.named_parameters())
     weights = sum(params[n].numel() * params[n].element_size() for n in p.trainable)
     check_free_space(out, 2 * 3 * weights + weights + 16 * 2**20, "the run's checkpoints")
-
-
-def fmt_params(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
-
-

@@ -8,7 +8,9 @@ from peftlab.heads import Classifier
 from peftlab.methods import MethodArgs, merge, parse_method, trainable_names, unmerge
 from peftlab.methods.ia3 import IA3Layer
 from peftlab.models import load_backbone
-from peftlab.run import CONFIG, WEIGHTS, RunConfig, load_run, prepare
+from peftlab.run import CONFIG, WEIGHTS, prepare
+from peftlab.runconfig import RunConfig
+from peftlab.saved import load_run
 from peftlab.train import logits_fn, predict
 from tests.conftest import adapted, fit
 

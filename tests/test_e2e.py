@@ -3,7 +3,8 @@ see docs/benchmarks.md; each sits well below what the run reached, above what ch
 
 import pytest
 
-from peftlab.run import RunConfig, train_run
+from peftlab.run import train_run
+from peftlab.runconfig import RunConfig
 from peftlab.train import TrainArgs
 
 pytestmark = pytest.mark.slow

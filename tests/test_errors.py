@@ -368,7 +368,7 @@ def test_trust_remote_code_is_off_unless_asked(monkeypatch):
     from transformers import AutoConfig
 
     from peftlab import models
-    from peftlab.run import RunConfig
+    from peftlab.runconfig import RunConfig
 
     assert inspect.signature(models.load_backbone).parameters["trust_remote_code"].default is False
     assert RunConfig().trust_remote_code is False  # the --trust-remote-code flag's default

@@ -3,7 +3,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from peftlab.cli import main
-from peftlab.run import RunConfig, load_run, train_run
+from peftlab.run import train_run
+from peftlab.runconfig import RunConfig
+from peftlab.saved import load_run
 from peftlab.train import TrainArgs
 
 

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from peftlab.features import POOLED, build_cache, cache_key, cut_point, logits_from_cache
-from peftlab.run import RunConfig, prepare, train_run
+from peftlab.run import prepare, train_run
+from peftlab.runconfig import RunConfig
 from peftlab.train import TrainArgs
 from tests.conftest import adapted
 

@@ -13,7 +13,9 @@ from peftlab.generation import collate_pairs, encode_pairs, lm_loss, load_gen_ta
 from peftlab.heads import LanguageModel
 from peftlab.models import load_backbone
 from peftlab.generator import StreamPrinter, load_generator
-from peftlab.run import RunConfig, eval_run, train_run
+from peftlab.run import train_run
+from peftlab.runconfig import RunConfig
+from peftlab.saved import eval_run
 from peftlab.train import TrainArgs
 from tests.conftest import write_jsonl
 

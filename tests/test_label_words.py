@@ -7,7 +7,8 @@ from peftlab.batching import encode
 from peftlab.errors import PeftlabError
 from peftlab.heads import Classifier
 from peftlab.models import load_backbone
-from peftlab.run import RunConfig, train_run
+from peftlab.run import train_run
+from peftlab.runconfig import RunConfig
 from peftlab.train import TrainArgs
 from tests.conftest import adapted, assert_rows_pool_as_alone
 

@@ -10,7 +10,9 @@ from peftlab.batching import Encoded
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
 from peftlab.multitask import TaskPrompts, plan_batches, task_weights
-from peftlab.run import RunConfig, load_run, prepare, train_run
+from peftlab.run import prepare, train_run
+from peftlab.runconfig import RunConfig
+from peftlab.saved import load_run
 from peftlab.train import TrainArgs
 
 

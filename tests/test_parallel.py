@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 
 from peftlab import parallel
 from peftlab.cli import main
-from peftlab.run import CHECKPOINT, METRICS, WEIGHTS, RunConfig, load_run
+from peftlab.run import CHECKPOINT, METRICS, WEIGHTS
+from peftlab.runconfig import RunConfig
+from peftlab.saved import load_run
 from peftlab.train import TrainArgs, logits_fn, predict
 from tests.conftest import interrupt_run, write_jsonl, write_toy_task
 

@@ -162,7 +162,7 @@ def _field_names(cls) -> list[str]:
 def config_dicts() -> st.SearchStrategy[dict]:
     from peftlab.decode import Sampling
     from peftlab.methods import MethodArgs
-    from peftlab.run import RunConfig
+    from peftlab.runconfig import RunConfig
     from peftlab.train import TrainArgs
 
     def nested(cls):
@@ -180,7 +180,7 @@ def config_dicts() -> st.SearchStrategy[dict]:
 @SETTINGS
 @given(d=config_dicts())
 def test_run_config_from_any_dict(d):
-    from peftlab.run import RunConfig
+    from peftlab.runconfig import RunConfig
 
     succeeds_or_refuses(RunConfig.from_dict, d)
 

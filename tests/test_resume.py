@@ -23,7 +23,9 @@ from torch import nn
 from peftlab.checkpoint import load_checkpoint
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
-from peftlab.run import CHECKPOINT, METRICS, WEIGHTS, RunConfig, resume_run, train_run
+from peftlab.run import CHECKPOINT, METRICS, WEIGHTS, train_run
+from peftlab.runconfig import RunConfig
+from peftlab.saved import resume_run
 from peftlab.train import TrainArgs, train
 from tests.conftest import interrupt_run, write_toy_task
 

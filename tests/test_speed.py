@@ -6,7 +6,8 @@ import torch
 
 from peftlab.batching import encode
 from peftlab.errors import PeftlabError
-from peftlab.run import RunConfig, train_run
+from peftlab.run import train_run
+from peftlab.runconfig import RunConfig
 from peftlab.speed import cpu_has_bf16, resolve, tune_allocator
 from peftlab.train import TrainArgs, logits_fn, predict
 from tests.conftest import adapted

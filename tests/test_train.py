@@ -5,7 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from peftlab.cli import main
-from peftlab.run import RunConfig, eval_run, train_run
+from peftlab.run import train_run
+from peftlab.runconfig import RunConfig
+from peftlab.saved import eval_run
 from peftlab.train import TrainArgs, lr_lambda
 
 

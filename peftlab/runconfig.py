@@ -1,0 +1,96 @@
+"""What defines a run: the model, the task, the method and every setting (each field is also a
+CLI flag, and config.json in a run directory holds one)."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peftlab.config import build
+from peftlab.decode import Sampling
+from peftlab.errors import PeftlabError
+from peftlab.heads import POOLINGS
+from peftlab.methods import MethodArgs
+from peftlab.train import TrainArgs
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (each field is also a CLI flag)."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "embedded name, GGUF file, model dir or hub id"})
+    task: str = field(default="sms_spam", metadata={"help": "built-in task, data file or data folder"})
+    method: str = field(default="last-block+norm", metadata={"help": "adaptation method, e.g. head, last-2, full"})
+    text_column: str | None = field(default=None, metadata={"help": "text column of a local data file"})
+    label_column: str | None = field(default=None, metadata={"help": "label column of a local data file"})
+    train_limit: int | None = field(default=None, metadata={"help": "train on a seeded, stratified subset of N rows"})
+    train_per_class: int | None = field(default=None, metadata={"help": "few-shot: train on N seeded rows of each "
+                                                                "label (classification; overrides --train-limit)"})
+    eval_limit: int | None = field(default=None, metadata={"help": "validate and test on N rows each"})
+    max_length: int = field(default=256, metadata={"help": "truncate texts to this many tokens"})
+    pooling: str = field(default="auto", metadata={"help": "auto, last, first or mean"})
+    head: Literal["linear", "label-words"] = field(
+        default="linear", metadata={"help": "a new linear head, or label-word scoring through the LM head"})
+    label_words: str | None = field(default=None, metadata={"help": "comma-separated words, one per label "
+                                                             "(default: the task's)"})
+    template: str | None = field(default=None, metadata={"help": "frame each text, e.g. 'Review: {text}\\nSentiment:' "
+                                                         "(default: the task's with label words, else the bare text)"})
+    input_column: str | None = field(default=None, metadata={"help": "input column of a local generation data file"})
+    target_column: str | None = field(default=None, metadata={"help": "target column of a local generation data "
+                                                              "file (makes the task generative)"})
+    sep_token: str | None = field(default=None, metadata={"help": "generation: a new separator token between input "
+                                                          "and target, its embedding trained (e.g. '<|sep|>')"})
+    chat: bool = field(default=False, metadata={"help": "generation: wrap prompts in the model's chat template"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "generation: tokens to decode at most "
+                                                               "(default: the task's)"})
+    freeze: str | None = field(default=None, metadata={"help": "freeze policies: backbone (no pretrained weight "
+                                                         "trains), network (only soft prompts/prefixes), head:TASK"})
+    init_from: str | None = field(default=None, metadata={"help": "transfer: start from a finished run's trained "
+                                                          "tensors (tasks new to it get fresh heads)"})
+    sampler: Literal["proportional", "uniform", "temperature"] = field(
+        default="proportional", metadata={"help": "multi-task: how often each task's batches come up"})
+    sampler_temperature: float = field(default=2.0, metadata={"help": "multi-task: T of the temperature sampler "
+                                                              "(task drawn with weight size^(1/T))"})
+    per_task_adapters: bool = field(default=False, metadata={"help": "multi-task: each task its own copy of the "
+                                                             "LoRA adapter, rows routed to their task's"})
+    bidirectional: bool = field(default=False, metadata={"help": "classify with a causal LM without its causal mask "
+                                                         "(pooling the first token)"})
+    cache_features: Literal["auto", "off"] = field(
+        default="auto", metadata={"help": "auto: when the bottom of the network is frozen, compute its features once "
+                                  "and train the top from a disk cache"})
+    tensorboard: bool = field(default=False, metadata={"help": "log loss, learning rate and validation metrics "
+                                                       "to <run dir>/tensorboard (pip install tensorboard)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "let a hub model run its own Python code "
+                                                             "(only for models you trust)"})
+    seed: int = field(default=0, metadata={"help": "seeds data order, subsets and head init"})
+    out: str | None = field(default=None, metadata={"help": "run directory (default runs/<model>-<task>-<method>-<time>)"})
+    train: TrainArgs = field(default_factory=TrainArgs)
+    method_args: MethodArgs = field(default_factory=MethodArgs)
+    decoding: Sampling = field(default_factory=Sampling)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainArgs(**self.train)
+        if isinstance(self.method_args, dict):
+            self.method_args = MethodArgs(**self.method_args)
+        if isinstance(self.decoding, dict):
+            self.decoding = Sampling(**self.decoding)
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise PeftlabError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.template:
+            self.template = self.template.replace("\\n", "\n")  # '\n' typed in a shell means a newline
+        if self.head not in ("linear", "label-words"):
+            raise PeftlabError(f"--head '{self.head}' is unknown; valid: linear, label-words")
+        if self.cache_features not in ("auto", "off"):
+            raise PeftlabError(f"--cache-features '{self.cache_features}' is unknown; valid: auto, off")
+        if self.pooling not in POOLINGS:
+            raise PeftlabError(f"--pooling '{self.pooling}' is unknown; valid: {', '.join(POOLINGS)}")
+        if self.max_length < 2:
+            raise PeftlabError(f"--max-length must be at least 2, got {self.max_length}")
+        for name in ("train_limit", "eval_limit", "train_per_class"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise PeftlabError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        """A saved config; keys from a newer peftlab are warned about and ignored."""
+        return build(cls, d, where)

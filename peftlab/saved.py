@@ -1,0 +1,50 @@
+"""Run directories read back: continue an interrupted run, rebuild a finished run's model,
+evaluate it on a split (what `peftlab train --resume`, `peftlab eval`, export and merge use)."""
+
+from pathlib import Path
+
+from peftlab.checkpoint import load_json, load_weights
+from peftlab.decode import Sampling
+from peftlab.errors import PeftlabError
+from peftlab.models import Backbone
+from peftlab.run import CONFIG, METRICS, WEIGHTS, Prepared, evaluate_split, prepare, train_run
+from peftlab.runconfig import RunConfig
+
+
+def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
+    """Continue an interrupted run from its last checkpoint, with its saved settings."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise PeftlabError(f"'{run_dir}' is not a run directory (no {CONFIG}); give the --out of the run to continue")
+    if (run_dir / METRICS).is_file():
+        raise PeftlabError(f"'{run_dir}' is a finished run; nothing to resume (evaluate it with `peftlab eval`)")
+    cfg = RunConfig.from_dict(load_json(run_dir / CONFIG), f"'{run_dir / CONFIG}'")
+    cfg.out = str(run_dir)
+    return train_run(cfg, progress=progress, resume=True)
+
+
+def load_run(run_dir: str | Path, backbone: Backbone | None = None) -> tuple[RunConfig, Prepared]:
+    """Rebuild a finished run's model with its trained weights."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PeftlabError(f"run directory '{run_dir}' does not exist; check the path (peftlab train --out names it)")
+    cfg = RunConfig.from_dict(load_json(run_dir / CONFIG), f"'{run_dir / CONFIG}'")
+    p = prepare(cfg, backbone, transfer=False)  # transferred tensors were saved with the run
+    weights = load_weights(run_dir / WEIGHTS)
+    missing = sorted(set(p.trainable) - set(weights))
+    if missing:
+        raise PeftlabError(f"'{run_dir / WEIGHTS}' lacks {len(missing)} trained tensors (e.g. {missing[0]}); "
+                           "it does not belong to this run's model and method")
+    p.model.load_state_dict(weights, strict=False)
+    return cfg, p
+
+
+def eval_run(run_dir: str | Path, split: str = "test", decoding: Sampling | None = None) -> dict[str, float]:
+    """Metrics of a saved run on one split; generation runs may decode with other `decoding` settings."""
+    if split not in ("train", "validation", "test"):
+        raise PeftlabError(f"--split '{split}' is unknown; valid: train, validation, test")
+    cfg, p = load_run(run_dir)
+    if decoding is not None:
+        cfg.decoding = decoding
+    metrics, loss, _ = evaluate_split(p, cfg, split)
+    return {**metrics, "loss": loss, "rows": len(p.data[split])}
