@@ -10,9 +10,16 @@ ids on peftlab's side, eos_token_id=None on HF's). Each side is warmed up once, 
 alternately (peftlab, HF, peftlab, HF, ...) for --repeats rounds. Prints the median new
 tokens/s of each side (prefill included), the ratio peftlab/HF (above 1: peftlab is faster),
 whether the tokens are identical, and a Markdown block for docs/benchmarks.md.
+
+--bf16: bf16 autocast on both sides; peftlab decodes with precision="bf16" (its default where
+the CPU has bf16 instructions: frozen weights cast to bf16 once per call, not once per token).
+A third side, "HF bf16 model" (the model's weights converted with .to(torch.bfloat16), HF's
+usual fast path, no autocast), is timed too; its numerics differ (the residual stream is bf16),
+so its tokens are compared but not required to match.
 """
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -70,28 +77,31 @@ def first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"row {row}, new token {col}: peftlab {int(a[row, col])} vs HF {int(b[row, col])}"
 
 
-def bench_batch(model: Classifier, hf, batch: dict, args, pad: int) -> dict:
+def bench_batch(model: Classifier, hf, batch: dict, args, pad: int, hf16=None) -> dict:
     ids, mask, n = batch["input_ids"], batch["attention_mask"], args.new_tokens
-    sides = {
-        "peftlab": lambda: generate(model, ids, mask, n, stop_ids=(), pad_id=pad),
-        # eos_token_id=None overrides the model's generation config, so HF never stops early either
-        "HF": lambda: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                  use_cache=True, pad_token_id=pad, eos_token_id=None)[:, ids.shape[1]:],
-    }
+    precision = "bf16" if args.bf16 else "fp32"
+    # eos_token_id=None overrides the model's generation config, so HF never stops early either
+    hf_call = lambda m: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                   use_cache=True, pad_token_id=pad, eos_token_id=None)[:, ids.shape[1]:]
+    sides = {"peftlab": lambda: generate(model, ids, mask, n, stop_ids=(), pad_id=pad, precision=precision),
+             "HF": lambda: hf_call(hf)}
+    if hf16 is not None:
+        sides["HF bf16 model"] = lambda: hf_call(hf16)
     secs: dict[str, list[float]] = {k: [] for k in sides}
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in sides}
     for name, fn in sides.items():  # warm-up: first-call allocations, lazy inits
-        outs[name].append(timed(fn, args.bf16)[1])
+        outs[name].append(timed(fn, args.bf16 and name != "HF bf16 model")[1])
     for _ in range(args.repeats):  # alternate so drifting load hits both sides alike
         for name, fn in sides.items():
-            s, out = timed(fn, args.bf16)
+            s, out = timed(fn, args.bf16 and name != "HF bf16 model")
             secs[name].append(s)
             outs[name].append(out)
     ref = outs["peftlab"][0]
-    bad = [(name, o) for name, runs in outs.items() for o in runs if not torch.equal(o, ref)]
+    bad = [(name, o) for name, runs in outs.items() for o in runs if not torch.equal(o, ref) and name != "HF bf16 model"]
     tps = {k: ids.shape[0] * n / statistics.median(v) for k, v in secs.items()}
+    same16 = float((outs["HF bf16 model"][0] == ref).float().mean()) if hf16 is not None else None
     return {"batch": ids.shape[0], "prompt_len": ids.shape[1], "real_tokens": int(mask.sum()),
-            "secs": secs, "tps": tps, "ratio": tps["peftlab"] / tps["HF"], "identical": not bad,
+            "secs": secs, "tps": tps, "ratio": tps["peftlab"] / tps["HF"], "identical": not bad, "same16": same16,
             "diff": first_difference(ref, bad[0][1]) + f" ({bad[0][0]} run)" if bad else ""}
 
 
@@ -116,10 +126,15 @@ def main() -> None:
     prompts = load_prompts(find_xsum(args.data), max(sizes), args.doc_tokens, tok)
     dtype = "bf16 autocast" if args.bf16 else "fp32"
 
+    hf16 = copy.deepcopy(b.model).to(torch.bfloat16) if args.bf16 else None
     rows = []
     for size in sizes:
-        r = bench_batch(model, b.model, tok(prompts[:size], padding=True, return_tensors="pt"), args, pad)
+        r = bench_batch(model, b.model, tok(prompts[:size], padding=True, return_tensors="pt"), args, pad, hf16)
         rows.append(r)
+        if hf16 is not None:
+            print(f"batch {size}: HF bf16 model {r['tps']['HF bf16 model']:.1f} tok/s (peftlab/it "
+                  f"{r['tps']['peftlab'] / r['tps']['HF bf16 model']:.2f}), its tokens equal peftlab's at "
+                  f"{100 * r['same16']:.0f}% of positions", flush=True)
         print(f"batch {size}: peftlab {r['tps']['peftlab']:.1f} tok/s  HF {r['tps']['HF']:.1f} tok/s  "
               f"ratio {r['ratio']:.2f}  tokens identical: {'yes' if r['identical'] else 'no'}  "
               f"s/call peftlab {[round(x, 2) for x in r['secs']['peftlab']]} "

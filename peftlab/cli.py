@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     from peftlab.decode import Sampling
     from peftlab.methods import MethodArgs
     from peftlab.runconfig import RunConfig
+    from peftlab.speed import PRECISIONS
     from peftlab.train import TrainArgs
 
     p = Parser(prog="peftlab", description="Fine-tune pretrained transformers cheaply and "
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap a plain model's prompt in its chat template")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end only")
+    gen.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 where the CPU has bf16 "
+                     "instructions (weights cast once, decoding ~2x faster), else fp32")
     add_dataclass_flags(gen, Sampling)
 
     e = sub.add_parser("eval", help="evaluate a finished run directory")
@@ -250,7 +253,8 @@ def cmd_generate(args) -> None:
     stop = tuple(args.stop) if args.stop is not None else g.stop_strings
     stream = len(args.prompt) == 1 and not args.no_stream
     texts = g.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=Sampling(**_pick(args, Sampling)),
-                       stop_strings=stop, seed=args.seed, stream=sys.stdout if stream else None)
+                       stop_strings=stop, seed=args.seed, stream=sys.stdout if stream else None,
+                       precision=args.precision)
     if not stream:
         for prompt, text in zip(args.prompt, texts):
             print(f"### {prompt}\n{text}\n")

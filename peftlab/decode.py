@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peftlab import parallel
+from peftlab.speed import autocast, bf16_weights
 from peftlab.virtual import body_inputs
 
 
@@ -78,14 +79,24 @@ def pick(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator: torch
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
              sampling: Sampling | None = None, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
              use_cache: bool = True, seed: int | None = None, stop_strings: tuple[str, ...] = (),
-             tokenizer=None, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             tokenizer=None, on_step: Callable[[torch.Tensor], None] | None = None,
+             precision: str = "fp32") -> torch.Tensor:
     """Left-padded (B, T) prompts -> (B, <= max_new_tokens) new tokens, pad after a row stops.
 
     A row stops at the first token in `stop_ids` (kept in the output), or once its decoded text
     holds one of `stop_strings` (needs `tokenizer`; cut the text with `trim_at_stop`); all rows
     stop when every row has. `on_step(tokens)` sees each step's (B,) tokens, for streaming.
-    `use_cache=False` recomputes every step from scratch (the reference).
+    `use_cache=False` recomputes every step from scratch (the reference). `precision` 'bf16' (or
+    'auto' where the CPU has bf16 instructions) decodes under bf16 autocast with the weights cast
+    once (`speed.bf16_weights`), not once per token.
     """
+    with autocast(precision), bf16_weights([model, model.arch.lm_head], precision, frozen_only=False):
+        return _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_ids, pad_id, use_cache,
+                         seed, stop_strings, tokenizer, on_step)
+
+
+def _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_ids, pad_id, use_cache, seed,
+              stop_strings, tokenizer, on_step) -> torch.Tensor:
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer to read the generated text")
     s = sampling or Sampling()

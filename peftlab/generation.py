@@ -207,7 +207,7 @@ def validation_loss(model: nn.Module, data: Pairs, batch_size: int, pad_id: int)
 
 def complete(model: nn.Module, tokenizer, prompts: Pairs, *, max_new_tokens: int, batch_size: int = 8,
              sampling: Sampling | None = None, stop_strings: tuple[str, ...] = ("\n",), seed: int = 0,
-             progress: bool = False, desc: str = "generating") -> list[str]:
+             progress: bool = False, desc: str = "generating", precision: str = "fp32") -> list[str]:
     """Decode every prompt (batched, longest first, left-padded); texts in the original order."""
     was_training = model.training
     model.eval()
@@ -220,7 +220,8 @@ def complete(model: nn.Module, tokenizer, prompts: Pairs, *, max_new_tokens: int
         for j, (n, idx) in enumerate(tqdm(batches, desc=desc, leave=False, disable=None if progress else True)):
             ids, mask = pad_rows([torch.as_tensor(prompts.input_ids[i], dtype=torch.long) for i in idx], "left", pad)
             new = generate(model, ids, mask, max_new_tokens, sampling, stop_ids=(tokenizer.eos_token_id,),
-                           pad_id=pad, seed=seed + n, stop_strings=stop_strings, tokenizer=tokenizer)
+                           pad_id=pad, seed=seed + n, stop_strings=stop_strings, tokenizer=tokenizer,
+                           precision=precision)
             if j < real:
                 out.update({int(i): trim_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings).strip()
                             for i, row in zip(idx, new.tolist())})
@@ -232,9 +233,9 @@ def complete(model: nn.Module, tokenizer, prompts: Pairs, *, max_new_tokens: int
 
 def evaluate_generation(model: nn.Module, tokenizer, data: Pairs, *, max_new_tokens: int, batch_size: int = 8,
                         sampling: Sampling | None = None, seed: int = 0, progress: bool = False,
-                        with_loss: bool = True) -> tuple[dict[str, float], float, list[str]]:
+                        with_loss: bool = True, precision: str = "fp32") -> tuple[dict[str, float], float, list[str]]:
     """Task metrics of greedy (or sampled) outputs, the teacher-forced loss, and the outputs."""
     loss = validation_loss(model, data, batch_size, tokenizer.pad_token_id) if with_loss else float("nan")
     preds = complete(model, tokenizer, data.prompts(), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                     sampling=sampling, seed=seed, progress=progress)
+                     sampling=sampling, seed=seed, progress=progress, precision=precision)
     return generation_metrics(preds, data.targets), loss, preds

@@ -29,13 +29,15 @@ class Generator:
     stop_strings: tuple[str, ...]
 
     def generate(self, prompts: list[str], *, max_new_tokens: int | None = None, sampling: Sampling | None = None,
-                 stop_strings: tuple[str, ...] | None = None, seed: int = 0, stream: TextIO | None = None) -> list[str]:
-        """Continue each prompt; with `stream`, write one prompt's text there as it is decoded."""
+                 stop_strings: tuple[str, ...] | None = None, seed: int = 0, stream: TextIO | None = None,
+                 precision: str = "auto") -> list[str]:
+        """Continue each prompt; with `stream`, write one prompt's text there as it is decoded
+        (`precision`: see `decode.generate`)."""
         pairs, n = self.frame(prompts), max_new_tokens or self.max_new_tokens
         stops = self.stop_strings if stop_strings is None else stop_strings
         if stream is None:
             return complete(self.model, self.tokenizer, pairs, max_new_tokens=n, sampling=sampling,
-                            stop_strings=stops, seed=seed)
+                            stop_strings=stops, seed=seed, precision=precision)
         if len(prompts) != 1:
             raise PeftlabError("streaming shows one prompt at a time; give one --prompt or --no-stream")
         printer = StreamPrinter(self.tokenizer, stops, stream)
@@ -43,7 +45,7 @@ class Generator:
         self.model.eval()
         generate(self.model, ids, torch.ones_like(ids), n, sampling, stop_ids=(self.tokenizer.eos_token_id,),
                  pad_id=self.tokenizer.pad_token_id, seed=seed, stop_strings=stops, tokenizer=self.tokenizer,
-                 on_step=printer)
+                 on_step=printer, precision=precision)
         return [printer.finish()]
 
 

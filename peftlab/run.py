@@ -196,7 +196,7 @@ def evaluate_split(p: Prepared, cfg: RunConfig, split: str, progress: bool = Fal
     if p.generative:
         return evaluate_generation(p.model, tok, p.data[split], max_new_tokens=cfg.max_new_tokens or p.task.max_new_tokens,
                                    batch_size=min(cfg.train.eval_batch_size, 16), sampling=cfg.decoding, seed=cfg.seed,
-                                   progress=progress, with_loss=with_loss)
+                                   progress=progress, with_loss=with_loss, precision=cfg.train.precision)
     enc, cache = p.data[split], p.caches.get(split)
     if p.multi:
         logits, loss = predict(p.model, enc, logits_fn(p.model, enc, tok.pad_token_id, tok.padding_side, cache),

@@ -7,9 +7,13 @@ import ctypes
 import functools
 import os
 import platform
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
 
@@ -80,3 +84,62 @@ def autocast(precision: str, device: str = "cpu") -> contextlib.AbstractContextM
     if resolve(precision, device) == "bf16":
         return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _bf16_autocast(x: torch.Tensor) -> bool:
+    kind = x.device.type
+    return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
+
+
+def _fast_forward(mod: nn.Module, w16: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`mod`'s forward, reading the bf16 copy `w16` of its weight under bf16 autocast (which
+    would cast the fp32 weight to the same values) and its own weight otherwise."""
+    own = type(mod).forward
+    if isinstance(mod, Conv1D):  # GPT-2: x @ W + b, W stored (in, out)
+        def forward(x):
+            if not _bf16_autocast(x):
+                return own(mod, x)
+            out = torch.addmm(mod.bias, x.reshape(-1, x.shape[-1]), w16)
+            return out.view(*x.shape[:-1], mod.nf)
+    else:
+        def forward(x):
+            return F.linear(x, w16, mod.bias) if _bf16_autocast(x) else own(mod, x)
+    return forward
+
+
+@contextlib.contextmanager
+def bf16_weights(modules: Iterable[nn.Module], precision: str = "bf16", frozen_only: bool = True) -> Iterator[int]:
+    """Inside, every frozen fp32 projection (nn.Linear, GPT-2's Conv1D) among `modules` and
+    their children also holds its weight as a bf16 copy, made once, that its forward uses under
+    bf16 autocast; yields how many. `frozen_only=False` (decoding: nothing trains) takes every
+    projection.
+
+    Autocast caches its casts only for tensors that require grad, so without this every frozen
+    weight is cast again in every forward: a LoRA step reads and writes the whole model once
+    more, and a decoding step, which reads each weight once, pays the cast three times over
+    (fp32 read, bf16 write, bf16 read). Outputs are bitwise the same (autocast rounds alike), and
+    so is every path outside bf16 autocast: those still read the fp32 weight, which stays the
+    reference (saved, merged into, trained if unfrozen later). The copies cost half the frozen
+    weights' size, which autocast's own casts, saved for backward, already take in a training
+    step. Weights must not change inside (no merging or loading): the copies would go stale.
+    A no-op unless `precision` resolves to bf16, and for a model sharded by FSDP.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    swapped: list[nn.Module] = []
+    if resolve(precision) == "bf16" and not any(isinstance(m, FSDPModule) for r in modules for m in r.modules()):
+        seen: set[int] = set()
+        for root in modules:
+            for mod in root.modules():
+                w = getattr(mod, "weight", None)
+                if (type(mod) in (nn.Linear, Conv1D) and id(mod) not in seen and "forward" not in vars(mod)
+                        and isinstance(w, nn.Parameter) and not (frozen_only and w.requires_grad)
+                        and w.dtype == torch.float32):
+                    seen.add(id(mod))
+                    mod.forward = _fast_forward(mod, w.detach().to(torch.bfloat16))
+                    swapped.append(mod)
+    try:
+        yield len(swapped)
+    finally:
+        for mod in swapped:
+            del mod.forward

@@ -25,7 +25,7 @@ from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, logits_from_cache
 from peftlab.metrics import classification_metrics
 from peftlab.parallel import STRATEGIES, Strategy
-from peftlab.speed import PRECISIONS, Precision, autocast, tune_allocator
+from peftlab.speed import PRECISIONS, Precision, autocast, bf16_weights, tune_allocator
 
 
 @dataclass
@@ -263,75 +263,76 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
     model.train()
     progress = progress and parallel.is_main()
     world = parallel.world()
-    while pos.epoch < args.epochs:
-        batches = first if pos.epoch == 0 else plan(pos.epoch)
-        t0 = time.perf_counter() - pos.seconds
-        bar = tqdm(total=len(batches), initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{args.epochs}", leave=False,
-                   disable=None if progress else True, unit="batch", dynamic_ncols=True)
-        for g0 in range(pos.batch, len(batches), args.grad_accum):
-            group = range(g0, min(g0 + args.grad_accum, len(batches)))
-            rng = torch.get_rng_state()  # a checkpoint taken now must replay this group's dropout
-            loss_sum, tokens, bad = 0.0, 0, None
-            for i in group:
-                rows, scale = parallel.share(batches[i], weight)
-                with autocast(args.precision):  # the forward pass; backward follows the same dtypes
-                    loss, n_tokens = batch_loss(rows)
-                # the batch's loss and tokens over all processes: each decides alike what to do
-                value, n_tokens = parallel.all_sum(loss.item() * scale / world, n_tokens if scale else 0)
-                if not math.isfinite(value):
-                    bad = f"the loss became {value}"
-                    break
-                (loss * scale / args.grad_accum).backward()
-                loss_sum, tokens = loss_sum + value, tokens + int(n_tokens)
-            if bad is None:
-                norm = _grad_norm(params, args.max_grad_norm)
-                if not torch.isfinite(norm):
-                    bad = f"the gradient norm became {norm.item()}"
-            step = sched.last_epoch
-            if bad is not None:
-                opt.zero_grad(set_to_none=True)
-                span = f"batch {g0 + 1}" if len(group) == 1 else f"batches {g0 + 1}-{group.stop}"
-                where = f"at step {step + 1} (epoch {pos.epoch + 1}, {span})"
-                if not args.skip_nonfinite:
+    with bf16_weights([model], args.precision):  # frozen weights cast once, not every step
+        while pos.epoch < args.epochs:
+            batches = first if pos.epoch == 0 else plan(pos.epoch)
+            t0 = time.perf_counter() - pos.seconds
+            bar = tqdm(total=len(batches), initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{args.epochs}", leave=False,
+                       disable=None if progress else True, unit="batch", dynamic_ncols=True)
+            for g0 in range(pos.batch, len(batches), args.grad_accum):
+                group = range(g0, min(g0 + args.grad_accum, len(batches)))
+                rng = torch.get_rng_state()  # a checkpoint taken now must replay this group's dropout
+                loss_sum, tokens, bad = 0.0, 0, None
+                for i in group:
+                    rows, scale = parallel.share(batches[i], weight)
+                    with autocast(args.precision):  # the forward pass; backward follows the same dtypes
+                        loss, n_tokens = batch_loss(rows)
+                    # the batch's loss and tokens over all processes: each decides alike what to do
+                    value, n_tokens = parallel.all_sum(loss.item() * scale / world, n_tokens if scale else 0)
+                    if not math.isfinite(value):
+                        bad = f"the loss became {value}"
+                        break
+                    (loss * scale / args.grad_accum).backward()
+                    loss_sum, tokens = loss_sum + value, tokens + int(n_tokens)
+                if bad is None:
+                    norm = _grad_norm(params, args.max_grad_norm)
+                    if not torch.isfinite(norm):
+                        bad = f"the gradient norm became {norm.item()}"
+                step = sched.last_epoch
+                if bad is not None:
+                    opt.zero_grad(set_to_none=True)
+                    span = f"batch {g0 + 1}" if len(group) == 1 else f"batches {g0 + 1}-{group.stop}"
+                    where = f"at step {step + 1} (epoch {pos.epoch + 1}, {span})"
+                    if not args.skip_nonfinite:
+                        pos.seconds = time.perf_counter() - t0
+                        checkpoint(rng)
+                        saved = "; the state before that step is saved (--resume continues from it)" if save else ""
+                        raise PeftlabError(f"{bad} {where}{saved}; lower --lr (or --head-lr), keep --max-grad-norm "
+                                           "on, or pass --skip-nonfinite true to skip such batches")
+                    pos.skipped += len(group)
+                    if parallel.is_main():
+                        tqdm.write(f"warning: {bad} {where}; skipped those batches ({pos.skipped} so far)")
+                else:
+                    opt.step()
+                    on_step(step, loss_sum / len(group), sched.get_last_lr()[0])
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    pos.loss_sum += loss_sum
+                    pos.seen += len(group)
+                    pos.tokens += tokens
+                    pos.losses.append(loss_sum / len(group))
+                pos.batch = group.stop
+                bar.update(len(group))
+                bar.set_postfix(loss=f"{pos.loss_sum / max(1, pos.seen):.4f}",
+                                tok_s=f"{pos.tokens / (time.perf_counter() - t0):.0f}")
+                if pos.batch == len(batches) or (args.save_every and sched.last_epoch % args.save_every == 0):
                     pos.seconds = time.perf_counter() - t0
-                    checkpoint(rng)
-                    saved = "; the state before that step is saved (--resume continues from it)" if save else ""
-                    raise PeftlabError(f"{bad} {where}{saved}; lower --lr (or --head-lr), keep --max-grad-norm "
-                                       "on, or pass --skip-nonfinite true to skip such batches")
-                pos.skipped += len(group)
-                if parallel.is_main():
-                    tqdm.write(f"warning: {bad} {where}; skipped those batches ({pos.skipped} so far)")
-            else:
-                opt.step()
-                on_step(step, loss_sum / len(group), sched.get_last_lr()[0])
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                pos.loss_sum += loss_sum
-                pos.seen += len(group)
-                pos.tokens += tokens
-                pos.losses.append(loss_sum / len(group))
-            pos.batch = group.stop
-            bar.update(len(group))
-            bar.set_postfix(loss=f"{pos.loss_sum / max(1, pos.seen):.4f}",
-                            tok_s=f"{pos.tokens / (time.perf_counter() - t0):.0f}")
-            if pos.batch == len(batches) or (args.save_every and sched.last_epoch % args.save_every == 0):
-                pos.seconds = time.perf_counter() - t0
-                checkpoint(torch.get_rng_state())
-        bar.close()
-        seconds = time.perf_counter() - t0
-        val, val_loss = validate()
-        ep = Epoch(pos.epoch + 1, pos.loss_sum / max(1, pos.seen), val_loss, val, seconds, pos.tokens, pos.losses)
-        pos.history.append(ep)
-        on_epoch(ep)
-        if progress:
-            parts = "".join(f"  {k} {val[k]:.4f}" for k in also if k in val)
-            tqdm.write(f"epoch {ep.epoch}: train loss {ep.train_loss:.4f}  val loss {val_loss:.4f}  "
-                       f"val {metric} {val[metric]:.4f}{parts}  ({seconds:.1f}s, {pos.tokens / seconds:.0f} tok/s)")
-        if val[metric] > pos.best:
-            pos.best, pos.best_epoch = val[metric], ep.epoch
-            on_best(ep)
-        pos.epoch, pos.batch, pos.loss_sum, pos.seen, pos.tokens, pos.seconds = pos.epoch + 1, 0, 0.0, 0, 0, 0.0
-        pos.losses = []
+                    checkpoint(torch.get_rng_state())
+            bar.close()
+            seconds = time.perf_counter() - t0
+            val, val_loss = validate()
+            ep = Epoch(pos.epoch + 1, pos.loss_sum / max(1, pos.seen), val_loss, val, seconds, pos.tokens, pos.losses)
+            pos.history.append(ep)
+            on_epoch(ep)
+            if progress:
+                parts = "".join(f"  {k} {val[k]:.4f}" for k in also if k in val)
+                tqdm.write(f"epoch {ep.epoch}: train loss {ep.train_loss:.4f}  val loss {val_loss:.4f}  "
+                           f"val {metric} {val[metric]:.4f}{parts}  ({seconds:.1f}s, {pos.tokens / seconds:.0f} tok/s)")
+            if val[metric] > pos.best:
+                pos.best, pos.best_epoch = val[metric], ep.epoch
+                on_best(ep)
+            pos.epoch, pos.batch, pos.loss_sum, pos.seen, pos.tokens, pos.seconds = pos.epoch + 1, 0, 0.0, 0, 0, 0.0
+            pos.losses = []
     return pos
 
 

@@ -10,15 +10,25 @@ from peftlab.train import TrainArgs
 pytestmark = pytest.mark.slow
 
 
-def test_smollm2_last_block_learns_sms_spam(tmp_path):
-    cfg = RunConfig(model="smollm2-135m", task="sms_spam", method="last-block+norm", train_limit=320,
-                    eval_limit=200, out=str(tmp_path / "run"), train=TrainArgs(epochs=2, batch_size=16))
-    r = train_run(cfg, progress=False)
+def test_smollm2_last_block_learns_sms_spam_in_bf16_as_in_fp32(tmp_path):
+    """The foundation's scenario, and the performance issue's bf16 check on it: last block + final
+    norm + head on real SMS spam, in fp32 (the reference; the frozen 29 blocks run once, cached)
+    and in bf16 autocast end to end (all 30 blocks under bf16 every epoch, frozen weights cast
+    once); same seed and batches, bf16's test accuracy no more than 1 point below fp32's."""
+    def run(precision, cache):
+        cfg = RunConfig(model="smollm2-135m", task="sms_spam", method="last-block+norm", train_limit=320,
+                        eval_limit=200, out=str(tmp_path / precision), cache_features=cache,
+                        train=TrainArgs(epochs=2, batch_size=16, precision=precision))
+        return train_run(cfg, progress=False)
+    fp32, bf16 = run("fp32", "auto"), run("bf16", "off")
+    assert fp32["cached_features"]["cut"] == 29 and bf16["cached_features"] is None
     # 87% of messages are ham: the bar needs spam found too (macro-F1), not just the majority class.
-    # Measured (2026-11-23, 2 epochs of 320 rows): see docs/benchmarks.md
-    assert r["test"]["accuracy"] >= 0.93 and r["test"]["macro_f1"] >= 0.85, r["test"]
+    # Measured (2026-11-24, 2 epochs of 320 rows): see docs/benchmarks.md
+    for r in (fp32, bf16):
+        assert r["test"]["accuracy"] >= 0.93 and r["test"]["macro_f1"] >= 0.85, (fp32["test"], bf16["test"])
+    assert bf16["test"]["accuracy"] >= fp32["test"]["accuracy"] - 0.01 - 1e-9, (fp32["test"], bf16["test"])
     block = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576  # q,o + k,v (3 KV heads) + MLP + norms
-    assert r["trainable_params"] == block + 576 + (576 * 2 + 2)  # + final norm + head
+    assert fp32["trainable_params"] == block + 576 + (576 * 2 + 2)  # + final norm + head
 
 
 def test_minilm_last_two_blocks_learn_sst2(tmp_path):
@@ -53,23 +63,9 @@ def test_smollm2_multitask_heads_on_a_frozen_backbone(tmp_path):
     """Scenario 2 of the multi-task issue on real data: one frozen SmolLM2, a CoLA and an SST-2
     head, trained from cached features."""
     cfg = RunConfig(model="smollm2-135m", task="cola,sst2", method="head", freeze="backbone", train_limit=300,
-                    eval_limit=200, out=str(tmp_path / "run"), train=TrainArgs(epochs=10, batch_size=16))
+                    eval_limit=120, out=str(tmp_path / "run"), train=TrainArgs(epochs=10, batch_size=16))
     r = train_run(cfg, progress=False)
     assert r["cached_features"]["cut"] == -1 and r["trainable_params"] == 2 * (576 * 2 + 2)
     # measured 2026-11-23: SST-2 79.0, CoLA MCC 14.3 (300 train / 200 test rows per task, 10 epochs)
     assert r["test"]["sst2/accuracy"] >= 0.70 and r["test"]["cola/mcc"] >= 0.03, r["test"]
     assert r["test"]["sst2/accuracy"] > r["initial_validation"]["sst2/accuracy"] + 0.1
-
-
-def test_smollm2_bf16_training_reaches_fp32_quality_on_sms_spam(tmp_path):
-    """bf16 autocast (the default where the CPU has bf16 instructions) against the fp32 reference:
-    the same LoRA run on real SMS spam, same seed; test accuracy no more than 1 point below."""
-    def run(precision):
-        cfg = RunConfig(model="smollm2-135m", task="sms_spam", method="lora", train_limit=320, eval_limit=200,
-                        max_length=64, out=str(tmp_path / precision), cache_features="off",
-                        train=TrainArgs(epochs=1, batch_size=16, lr=2e-3, precision=precision))
-        return train_run(cfg, progress=False)["test"]
-    fp32, bf16 = run("fp32"), run("bf16")
-    # measured 2026-11-23: fp32 96.0 / macro-F1 90.5, bf16 97.0 / 93.1 (bf16 epoch 1.3x faster)
-    assert fp32["macro_f1"] >= 0.85 and bf16["macro_f1"] >= 0.85, (fp32, bf16)
-    assert bf16["accuracy"] >= fp32["accuracy"] - 0.01 - 1e-9, (fp32, bf16)

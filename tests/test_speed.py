@@ -6,6 +6,7 @@ import torch
 
 from peftlab.batching import encode
 from peftlab.errors import PeftlabError
+from peftlab.models import load_backbone
 from peftlab.run import train_run
 from peftlab.runconfig import RunConfig
 from peftlab.speed import cpu_has_bf16, resolve, tune_allocator
@@ -52,3 +53,51 @@ def test_bf16_training_reaches_fp32_quality_on_a_toy_task(toy_task, tmp_path):
         return train_run(cfg, progress=False)["test"]["accuracy"]
     fp32, bf16 = run("fp32"), run("bf16")
     assert fp32 >= 0.95 and abs(bf16 - fp32) <= 0.02, (fp32, bf16)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_bf16_weight_copies_change_nothing_but_speed(name):
+    """Frozen weights cast once (speed.bf16_weights) give bitwise the outputs and gradients that
+    autocast's per-forward casts give; fp32 paths inside still read the fp32 weights."""
+    from peftlab.speed import bf16_weights
+
+    b, m, _ = adapted(name, "lora")
+    ids = torch.randint(5, 90, (3, 7))
+    mask = torch.ones_like(ids)
+    lora = [p for n, p in m.named_parameters() if p.requires_grad and "lora_A" in n]
+
+    def step():
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(ids, mask)
+        out.float().square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in lora]
+
+    ref_out, ref_grads = step()
+    ref_fp32 = m(ids, mask).detach()
+    with bf16_weights([m], "bf16") as n:
+        frozen = [mod for mod in m.modules() if "forward" in vars(mod)]
+        assert n == len(frozen) >= 4  # every frozen projection (q, k, v, o, MLP... or c_attn, c_fc...)
+        out, grads = step()
+        assert torch.equal(out, ref_out) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+        assert torch.equal(m(ids, mask).detach(), ref_fp32)  # outside autocast: the fp32 weights
+    assert not [mod for mod in m.modules() if "forward" in vars(mod)]
+    with bf16_weights([m], "bf16", frozen_only=False) as n_all:  # decoding: trained projections too
+        assert n_all > n
+    with bf16_weights([m], "fp32") as n:
+        assert n == 0
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_bf16_decoding_equals_transformers_generate_under_autocast(name):
+    from peftlab.decode import generate
+    from peftlab.heads import LanguageModel
+
+    b = load_backbone(name)
+    tok, m = b.tokenizer, LanguageModel(b.arch, b.tokenizer).eval()
+    batch = tok(["The cat sat on the", "Hello"] * 2, padding=True, return_tensors="pt")
+    ours = generate(m, batch["input_ids"], batch["attention_mask"], 10, pad_id=tok.pad_token_id, precision="bf16")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = b.model.generate(**batch, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=None)[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(ours, theirs)
