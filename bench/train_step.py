@@ -189,17 +189,20 @@ def main() -> None:
         args.precision = precision
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         peak = matmul_peak(dtype)
-        print(f"## {precision}: matmul peak {peak / 1e9:.0f} GFLOP/s, batch {args.batch_size} x {args.seq} tokens",
-              flush=True)
-        print("| case | peftlab s/step | HF PEFT s/step | tokens/s ratio | peftlab MFU | HF MFU | "
-              "peak RSS peftlab / HF (MiB) |\n|---|---|---|---|---|---|---|")
+        print(f"## {precision}: batch {args.batch_size} x {args.seq} tokens", flush=True)
+        rows = []
         for case in args.cases.split(","):
             sa, sb, flops = time_case(case, args)
             peak = max(peak, matmul_peak(dtype))
             mem = (memory(case, "peftlab", args), memory(case, "hf", args))
+            rows.append((case, sa, sb, flops, mem))
+            print(f"{case}: peftlab {sa:.2f} s/step, HF {sb:.2f} s/step ({sb / sa:.2f}x)", flush=True)
+        print(f"matmul peak, best of all measures ({precision}): {peak / 1e9:.0f} GFLOP/s")
+        print("| case | peftlab s/step | HF PEFT s/step | tokens/s ratio | peftlab MFU | HF MFU | "
+              "peak RSS peftlab / HF (MiB) |\n|---|---|---|---|---|---|---|")
+        for case, sa, sb, flops, mem in rows:
             print(f"| {case} | {sa:.2f} | {sb:.2f} | {sb / sa:.2f}x | {100 * flops / sa / peak:.0f}% | "
                   f"{100 * flops / sb / peak:.0f}% | {mem[0]:.0f} / {mem[1]:.0f} |", flush=True)
-        print(f"matmul peak, best of all measures ({precision}): {peak / 1e9:.0f} GFLOP/s", flush=True)
     print(f"\n{datetime.date.today()}  {json.dumps(versions())}  {json.dumps(machine())}")
 
 

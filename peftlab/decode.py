@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from peftlab import parallel
+from peftlab.methods.lora import merged_for_inference
 from peftlab.speed import autocast, bf16_weights
 from peftlab.virtual import body_inputs
 
@@ -88,9 +89,11 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     stop when every row has. `on_step(tokens)` sees each step's (B,) tokens, for streaming.
     `use_cache=False` recomputes every step from scratch (the reference). `precision` 'bf16' (or
     'auto' where the CPU has bf16 instructions) decodes under bf16 autocast with the weights cast
-    once (`speed.bf16_weights`), not once per token.
+    once (`speed.bf16_weights`), not once per token. A single active LoRA adapter runs merged
+    into the weights (`lora.merged_for_inference`).
     """
-    with autocast(precision), bf16_weights([model, model.arch.lm_head], precision, frozen_only=False):
+    with merged_for_inference(model), autocast(precision), \
+            bf16_weights([model, model.arch.lm_head], precision, frozen_only=False):
         return _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_ids, pad_id, use_cache,
                          seed, stop_strings, tokenizer, on_step)
 

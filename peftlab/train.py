@@ -23,6 +23,7 @@ from peftlab import parallel
 from peftlab.batching import Encoded, batch_indices, collate
 from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, logits_from_cache
+from peftlab.methods.lora import merged_for_inference
 from peftlab.metrics import classification_metrics
 from peftlab.parallel import STRATEGIES, Strategy
 from peftlab.speed import PRECISIONS, Precision, autocast, bf16_weights, tune_allocator
@@ -133,14 +134,15 @@ def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, buc
     out_all = None
     loss_sum = 0.0
     batches, real = parallel.my_batches(batch_indices(enc.lengths, batch_size, shuffle=False, bucket=bucket))
-    for j, idx in enumerate(batches):  # under torchrun each process takes its share of the batches
-        with autocast(precision):
-            out = logits(idx).float()
-        if out_all is None:
-            out_all = np.zeros((len(enc), out.shape[-1]), dtype=np.float32)
-        if j < real:
-            loss_sum += F.cross_entropy(out, torch.as_tensor(enc.labels[idx]), reduction="sum").item()
-            out_all[idx] = out.numpy()
+    with merged_for_inference(model):  # one LoRA adapter: folded into the weights meanwhile
+        for j, idx in enumerate(batches):  # under torchrun each process takes its share of the batches
+            with autocast(precision):
+                out = logits(idx).float()
+            if out_all is None:
+                out_all = np.zeros((len(enc), out.shape[-1]), dtype=np.float32)
+            if j < real:
+                loss_sum += F.cross_entropy(out, torch.as_tensor(enc.labels[idx]), reduction="sum").item()
+                out_all[idx] = out.numpy()
     model.train(was_training)
     [loss_sum] = parallel.all_sum(loss_sum)
     return parallel.sum_arrays(out_all), loss_sum / max(1, len(enc))

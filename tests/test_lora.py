@@ -162,3 +162,37 @@ def test_fast_path_without_dropout_equals_the_general_path(name):
     torch.testing.assert_close(fast(ids, mask), slow(ids, mask), atol=1e-6, rtol=1e-5)
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,kw", [("tiny-llama", {}), ("tiny-gpt2", {}), ("tiny-gpt2", {"targets": "c_attn"})])
+def test_inference_runs_one_adapter_merged_and_restores_the_weights_bit_for_bit(name, kw):
+    from peftlab.methods.lora import merged_for_inference
+
+    m, _ = setup(name, **kw)
+    randomize_b(m)
+    ids, mask = inputs()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    with torch.no_grad():
+        unmerged = m(ids, mask)
+        with merged_for_inference(m) as merged:
+            assert merged and all(layer.merged == ["default"] for layer in lora_layers(m))
+            together = m(ids, mask)
+    torch.testing.assert_close(together, unmerged, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())  # not w + d - d: the same bits
+    assert all(layer.merged == [] for layer in lora_layers(m))
+
+
+def test_inference_stays_unmerged_where_merging_would_be_wrong():
+    from peftlab.methods.lora import merged_for_inference
+    from peftlab.speed import bf16_weights
+
+    m, _ = setup("tiny-llama")
+    Lora(adapter="other").apply(m)
+    set_active(m, "default", "other")
+    with merged_for_inference(m) as merged:  # two adapters active
+        assert not merged
+    set_active(m, "default")
+    with per_row(m, ["default", None, "default"]), merged_for_inference(m) as merged:  # rows routed apart
+        assert not merged
+    with bf16_weights([m], "bf16"), merged_for_inference(m) as merged:  # bf16 copies made from unmerged weights
+        assert not merged

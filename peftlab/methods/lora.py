@@ -12,6 +12,7 @@ as the LoRA paper did.
 import copy
 import math
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -283,3 +284,38 @@ def per_row(model: nn.Module, adapters: list[str | None]):
     finally:
         for layer in layers:
             layer.row_adapters = None
+
+
+@contextmanager
+def merged_for_inference(model: nn.Module) -> Iterator[bool]:
+    """Inside, a model whose LoRA layers each have one active adapter runs them folded into the
+    weights: one GEMM per projection instead of three. Yields whether it merged.
+
+    The merged weight is a new tensor and the original is put back as it was, bit for bit
+    (subtracting the update again would leave rounding in the frozen weights, and a resumed run
+    would no longer equal an uninterrupted one). Nothing is merged when a layer has several
+    active adapters, per-row routing or merged adapters already, when the model is sharded
+    (FSDP), or when a projection reads a bf16 copy of its weight (`speed.bf16_weights`, made
+    before the merge: it would not see it).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    layers = lora_layers(model)
+    if not layers or isinstance(model, FSDPModule) or any(
+            len(layer.active) != 1 or layer.merged or layer.row_adapters is not None
+            or "forward" in vars(layer.base_layer) for layer in layers):
+        yield False
+        return
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                w, name = layer.base_layer.weight, layer.active[0]
+                saved.append((layer, w, w.data))
+                w.data = w.data + layer.delta_weight(name).to(w.dtype)
+                layer.merged.append(name)
+        yield True
+    finally:
+        for layer, w, data in saved:
+            w.data = data
+            layer.merged.clear()
