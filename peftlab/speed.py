@@ -91,28 +91,35 @@ def _bf16_autocast(x: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
 
 
-def _fast_forward(mod: nn.Module, w16: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`mod`'s forward, reading the bf16 copy `w16` of its weight under bf16 autocast (which
-    would cast the fp32 weight to the same values) and its own weight otherwise."""
-    own = type(mod).forward
+def _fast_forward(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`mod`'s forward, reading a bf16 copy of its weight under bf16 autocast (which would cast
+    the fp32 weight to the same values) and its own weight otherwise. The copy is made at the
+    first bf16 call, so a module the scope never runs (a cached bottom) costs nothing."""
+    own, copy = type(mod).forward, []
+
+    def w16() -> torch.Tensor:
+        if not copy:
+            with torch.inference_mode(False):  # a normal tensor: a later training step saves it for backward
+                copy.append(mod.weight.detach().to(torch.bfloat16))
+        return copy[0]
     if isinstance(mod, Conv1D):  # GPT-2: x @ W + b, W stored (in, out)
         def forward(x):
             if not _bf16_autocast(x):
                 return own(mod, x)
-            out = torch.addmm(mod.bias, x.reshape(-1, x.shape[-1]), w16)
+            out = torch.addmm(mod.bias, x.reshape(-1, x.shape[-1]), w16())
             return out.view(*x.shape[:-1], mod.nf)
     else:
         def forward(x):
-            return F.linear(x, w16, mod.bias) if _bf16_autocast(x) else own(mod, x)
+            return F.linear(x, w16(), mod.bias) if _bf16_autocast(x) else own(mod, x)
     return forward
 
 
 @contextlib.contextmanager
 def bf16_weights(modules: Iterable[nn.Module], precision: str = "bf16", frozen_only: bool = True) -> Iterator[int]:
     """Inside, every frozen fp32 projection (nn.Linear, GPT-2's Conv1D) among `modules` and
-    their children also holds its weight as a bf16 copy, made once, that its forward uses under
-    bf16 autocast; yields how many. `frozen_only=False` (decoding: nothing trains) takes every
-    projection.
+    their children also holds its weight as a bf16 copy, made once (at its first bf16 call),
+    that its forward uses under bf16 autocast; yields how many projections take part.
+    `frozen_only=False` (evaluation, decoding: nothing trains meanwhile) takes every projection.
 
     Autocast caches its casts only for tensors that require grad, so without this every frozen
     weight is cast again in every forward: a LoRA step reads and writes the whole model once
@@ -136,7 +143,7 @@ def bf16_weights(modules: Iterable[nn.Module], precision: str = "bf16", frozen_o
                         and isinstance(w, nn.Parameter) and not (frozen_only and w.requires_grad)
                         and w.dtype == torch.float32):
                     seen.add(id(mod))
-                    mod.forward = _fast_forward(mod, w.detach().to(torch.bfloat16))
+                    mod.forward = _fast_forward(mod)
                     swapped.append(mod)
     try:
         yield len(swapped)

@@ -78,6 +78,8 @@ def test_bf16_weight_copies_change_nothing_but_speed(name):
     with bf16_weights([m], "bf16") as n:
         frozen = [mod for mod in m.modules() if "forward" in vars(mod)]
         assert n == len(frozen) >= 4  # every frozen projection (q, k, v, o, MLP... or c_attn, c_fc...)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            m(ids, mask)  # copies made while evaluating must serve the training step after it
         out, grads = step()
         assert torch.equal(out, ref_out) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
         assert torch.equal(m(ids, mask).detach(), ref_fp32)  # outside autocast: the fp32 weights
