@@ -12,6 +12,7 @@ tokens/s or seconds per side and how far the outputs differ.
 import argparse
 import contextlib
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,6 +35,20 @@ def use(merged: bool) -> None:
     peftlab.train.merged_for_inference = peftlab.decode.merged_for_inference = fn
 
 
+def alternate(rounds: int, fn: Callable[[], object]) -> dict[bool, list[tuple[float, object]]]:
+    """(seconds, output) of `fn` merged (True) and unmerged (False), alternating, merged first,
+    for `rounds` rounds after a warm-up round."""
+    runs: dict[bool, list] = {True: [], False: []}
+    for r in range(rounds + 1):
+        for merged in (True, False):
+            use(merged)
+            t0 = time.perf_counter()
+            out = fn()
+            if r:  # round 0 warms up
+                runs[merged].append((time.perf_counter() - t0, out))
+    return runs
+
+
 def randomize(model: torch.nn.Module, std: float) -> None:
     torch.manual_seed(1)
     for layer in lora_layers(model):
@@ -49,19 +64,12 @@ def decoding(args) -> None:
     batch = b.tokenizer(["Article: The quick brown fox jumps over the lazy dog. " * 8 + "\nSummary:"],
                         return_tensors="pt")
     for precision in ("bf16", "fp32"):
-        runs: dict[bool, list] = {True: [], False: []}
-        for r in range(args.rounds + 1):
-            for merged in (True, False):
-                use(merged)
-                t0 = time.perf_counter()
-                out = peftlab.decode.generate(m, batch["input_ids"], batch["attention_mask"], args.new_tokens,
-                                              precision=precision)
-                if r:  # round 0 warms up
-                    runs[merged].append((args.new_tokens / (time.perf_counter() - t0), out))
+        runs = alternate(args.rounds, lambda: peftlab.decode.generate(
+            m, batch["input_ids"], batch["attention_mask"], args.new_tokens, precision=precision))
         same = all(torch.equal(o, runs[True][0][1]) for side in runs.values() for _, o in side)
-        print(f"decoding, batch 1, LoRA all-linear, {precision}: merged "
-              f"{[round(t, 1) for t, _ in runs[True]]} tokens/s, unmerged {[round(t, 1) for t, _ in runs[False]]}; "
-              f"same tokens: {same}", flush=True)
+        rate = lambda side: [round(args.new_tokens / s, 1) for s, _ in runs[side]]
+        print(f"decoding, batch 1, LoRA all-linear, {precision}: merged {rate(True)} tokens/s, unmerged "
+              f"{rate(False)}; same tokens: {same}", flush=True)
 
 
 def evaluation(args) -> None:
@@ -72,14 +80,7 @@ def evaluation(args) -> None:
     tok, enc = p.backbone.tokenizer, p.data["test"]
     fn = logits_fn(p.model, enc, tok.pad_token_id, tok.padding_side)
     for precision in ("bf16", "fp32"):
-        runs: dict[bool, list] = {True: [], False: []}
-        for r in range(args.rounds + 1):
-            for merged in (True, False):
-                use(merged)
-                t0 = time.perf_counter()
-                logits, _ = predict(p.model, enc, fn, 64, precision=precision)
-                if r:
-                    runs[merged].append((time.perf_counter() - t0, logits))
+        runs = alternate(args.rounds, lambda: predict(p.model, enc, fn, 64, precision=precision)[0])
         a, b = runs[True][0][1], runs[False][0][1]
         print(f"evaluation, {len(enc)} SST-2 rows, LoRA q,v, {precision}: merged "
               f"{[round(t, 2) for t, _ in runs[True]]} s, unmerged {[round(t, 2) for t, _ in runs[False]]} s; "

@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap a plain model's prompt in its chat template")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end only")
-    gen.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 where the CPU has bf16 "
-                     "instructions (weights cast once, decoding ~2x faster), else fp32")
+    gen.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast where the CPU has "
+                     "bf16 instructions (weights cast once per call), else fp32 (the reference)")
     add_dataclass_flags(gen, Sampling)
 
     e = sub.add_parser("eval", help="evaluate a finished run directory")

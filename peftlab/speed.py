@@ -16,6 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
+from peftlab.parallel import sharded
 
 Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -114,6 +115,11 @@ def _fast_forward(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return forward
 
 
+def casts_once(mod: nn.Module) -> bool:
+    """Whether `mod` reads a bf16 copy of its weight (inside a `bf16_weights` scope)."""
+    return "forward" in vars(mod)
+
+
 @contextlib.contextmanager
 def bf16_weights(modules: Iterable[nn.Module], precision: str = "bf16", frozen_only: bool = True) -> Iterator[int]:
     """Inside, every frozen fp32 projection (nn.Linear, GPT-2's Conv1D) among `modules` and
@@ -131,15 +137,14 @@ def bf16_weights(modules: Iterable[nn.Module], precision: str = "bf16", frozen_o
     step. Weights must not change inside (no merging or loading): the copies would go stale.
     A no-op unless `precision` resolves to bf16, and for a model sharded by FSDP.
     """
-    from torch.distributed.fsdp import FSDPModule
-
+    modules = list(modules)
     swapped: list[nn.Module] = []
-    if resolve(precision) == "bf16" and not any(isinstance(m, FSDPModule) for r in modules for m in r.modules()):
+    if resolve(precision) == "bf16" and not any(sharded(r) for r in modules):
         seen: set[int] = set()
         for root in modules:
             for mod in root.modules():
                 w = getattr(mod, "weight", None)
-                if (type(mod) in (nn.Linear, Conv1D) and id(mod) not in seen and "forward" not in vars(mod)
+                if (type(mod) in (nn.Linear, Conv1D) and id(mod) not in seen and not casts_once(mod)
                         and isinstance(w, nn.Parameter) and not (frozen_only and w.requires_grad)
                         and w.dtype == torch.float32):
                     seen.add(id(mod))

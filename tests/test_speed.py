@@ -59,7 +59,7 @@ def test_bf16_training_reaches_fp32_quality_on_a_toy_task(toy_task, tmp_path):
 def test_bf16_weight_copies_change_nothing_but_speed(name):
     """Frozen weights cast once (speed.bf16_weights) give bitwise the outputs and gradients that
     autocast's per-forward casts give; fp32 paths inside still read the fp32 weights."""
-    from peftlab.speed import bf16_weights
+    from peftlab.speed import bf16_weights, casts_once
 
     b, m, _ = adapted(name, "lora")
     ids = torch.randint(5, 90, (3, 7))
@@ -76,14 +76,14 @@ def test_bf16_weight_copies_change_nothing_but_speed(name):
     ref_out, ref_grads = step()
     ref_fp32 = m(ids, mask).detach()
     with bf16_weights([m], "bf16") as n:
-        frozen = [mod for mod in m.modules() if "forward" in vars(mod)]
+        frozen = [mod for mod in m.modules() if casts_once(mod)]
         assert n == len(frozen) >= 4  # every frozen projection (q, k, v, o, MLP... or c_attn, c_fc...)
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             m(ids, mask)  # copies made while evaluating must serve the training step after it
         out, grads = step()
         assert torch.equal(out, ref_out) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
         assert torch.equal(m(ids, mask).detach(), ref_fp32)  # outside autocast: the fp32 weights
-    assert not [mod for mod in m.modules() if "forward" in vars(mod)]
+    assert not [mod for mod in m.modules() if casts_once(mod)]
     with bf16_weights([m], "bf16", frozen_only=False) as n_all:  # decoding: trained projections too
         assert n_all > n
     with bf16_weights([m], "fp32") as n:

@@ -22,6 +22,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
+from peftlab.parallel import sharded
+from peftlab.speed import casts_once
 
 DEFAULT_TARGETS = "q_proj,v_proj,c_attn:q,v,query,value"
 
@@ -298,12 +300,10 @@ def merged_for_inference(model: nn.Module) -> Iterator[bool]:
     (FSDP), or when a projection reads a bf16 copy of its weight (`speed.bf16_weights`, made
     before the merge: it would not see it).
     """
-    from torch.distributed.fsdp import FSDPModule
-
     layers = lora_layers(model)
-    if not layers or isinstance(model, FSDPModule) or any(
+    if not layers or sharded(model) or any(
             len(layer.active) != 1 or layer.merged or layer.row_adapters is not None
-            or "forward" in vars(layer.base_layer) for layer in layers):
+            or casts_once(layer.base_layer) for layer in layers):
         yield False
         return
     saved = []
