@@ -13,6 +13,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
@@ -155,3 +158,69 @@ def bf16_weights(modules: Iterable[nn.Module], precision: str = "bf16", frozen_o
     finally:
         for mod in swapped:
             del mod.forward
+
+
+_FP32_SDPA = "peftlab_fp32_sdpa"
+
+
+def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+               is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, computed in fp32 where it would run in bf16 on the CPU (under
+    bf16 autocast, or given bf16; Llama's rotary embedding hands over q and k in fp32). Grouped
+    keys and values go to the kernel as they are (`enable_gqa`): transformers repeats them to
+    every query head whenever there is a padding mask, which costs 10% of a step on short batches
+    and stores 3x the keys and values for backward. Anything unusual (caches, position biases,
+    keys longer than queries without a mask) goes to transformers' own function."""
+    cpu_bf16 = query.device.type == "cpu" and (_bf16_autocast(query) or torch.bfloat16 in (query.dtype, value.dtype))
+    plain = attention_mask is not None or key.shape[2] == query.shape[2]
+    unusual = any(kwargs.get(k) is not None for k in ("cache", "position_bias", "softcap")) or kwargs.get(
+        "output_attentions")
+    if not cpu_bf16 or not plain or unusual:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    causal = query.shape[2] > 1 and attention_mask is None and (
+        getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
+        out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=attention_mask,
+                                             dropout_p=dropout, scale=scaling, is_causal=causal,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+    return out.to(torch.bfloat16).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _register_fp32_sdpa() -> None:
+    AttentionInterface.register(_FP32_SDPA, _fp32_sdpa)
+    AttentionMaskInterface.register(_FP32_SDPA, sdpa_mask)  # the masks SDPA takes
+
+
+@contextlib.contextmanager
+def fp32_attention(modules: Iterable[nn.Module], precision: str = "bf16") -> Iterator[int]:
+    """Inside, the SDPA attention of the transformers models among `modules` runs in fp32 under
+    bf16 autocast (the projections around it stay bf16); yields how many model configs switched.
+
+    For training on the CPU: PyTorch's bf16 flash-attention backward is 4-10x slower than its
+    fp32 one here (5.5 ms against 0.8 ms for 16 x 9 heads x 12 tokens; 49 against 27 ms at 128
+    tokens), 20% of a LoRA step on short SST-2 batches (torch profiler). In fp32 the scores and softmax are
+    more precise. Decoding keeps bf16 attention (its forward is as fast, and its tokens equal HF
+    `generate`'s under autocast). A no-op unless `precision` resolves to bf16.
+    """
+    configs: list[PretrainedConfig] = []
+    if resolve(precision) == "bf16":
+        for root in modules:
+            for mod in root.modules():
+                cfg = getattr(mod, "config", None)
+                if (isinstance(cfg, PretrainedConfig) and cfg._attn_implementation == "sdpa"
+                        and not any(c is cfg for c in configs)):
+                    configs.append(cfg)
+    if configs:
+        _register_fp32_sdpa()
+    for cfg in configs:
+        cfg._attn_implementation = _FP32_SDPA
+    try:
+        yield len(configs)
+    finally:
+        for cfg in configs:
+            cfg._attn_implementation = "sdpa"

@@ -26,7 +26,7 @@ from peftlab.features import FeatureCache, logits_from_cache
 from peftlab.methods.lora import merged_for_inference
 from peftlab.metrics import classification_metrics
 from peftlab.parallel import STRATEGIES, Strategy
-from peftlab.speed import PRECISIONS, Precision, autocast, bf16_weights, tune_allocator
+from peftlab.speed import PRECISIONS, Precision, autocast, bf16_weights, fp32_attention, tune_allocator
 
 
 @dataclass
@@ -265,7 +265,8 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
     model.train()
     progress = progress and parallel.is_main()
     world = parallel.world()
-    with bf16_weights([model], args.precision):  # frozen weights cast once, not every step
+    # frozen weights cast to bf16 once, not every step; attention in fp32 (its bf16 backward is slow)
+    with bf16_weights([model], args.precision), fp32_attention([model], args.precision):
         while pos.epoch < args.epochs:
             batches = first if pos.epoch == 0 else plan(pos.epoch)
             t0 = time.perf_counter() - pos.seconds

@@ -90,6 +90,60 @@ def test_bf16_weight_copies_change_nothing_but_speed(name):
         assert n == 0
 
 
+@pytest.mark.parametrize("name,method", [("tiny-llama", "lora"), ("tiny-llama", "prefix"), ("tiny-gpt2", "lora")])
+def test_fp32_attention_under_bf16_autocast(name, method, monkeypatch):
+    """speed.fp32_attention: the attention kernel gets fp32 inputs under bf16 autocast, and the
+    outputs are bitwise those of the same model with SDPA upcast by hand, gradients equal to bf16
+    rounding (with and without padding, grouped keys, a prefix); the model's attention setting is
+    restored on exit;
+    fp32 precision changes nothing."""
+    import torch.nn.functional as F
+
+    from peftlab.speed import fp32_attention
+
+    b, m, _ = adapted(name, method)
+    ids = torch.randint(5, 90, (3, 7))
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    trained = [p for p in m.parameters() if p.requires_grad]
+    real, seen = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *a, **kw)
+
+    def upcast(q, k, v, attn_mask=None, **kw):  # the reference: attention in fp32 by hand
+        with torch.autocast("cpu", enabled=False):
+            return real(q.float(), k.float(), v.float(), attn_mask=attn_mask, **kw).to(torch.bfloat16)
+
+    def step():
+        m.zero_grad()
+        outs = []
+        for mask in (padded, torch.ones_like(ids)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(ids, mask)
+            out.float().square().sum().backward()
+            outs.append(out.detach())
+        return outs, [p.grad.clone() for p in trained]
+
+    plain_out, _ = step()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", upcast)
+    ref_out, ref_grads = step()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with fp32_attention([m], "bf16") as n:
+        assert n == 1
+        out, grads = step()
+    assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref_out))
+    # gradients: to bf16 rounding (grouped keys sum their query heads' gradients inside the kernel,
+    # transformers' repeated keys outside it: another order of the same sum)
+    assert all(torch.allclose(g, r, rtol=0, atol=1e-2 * r.abs().max().item()) for g, r in zip(grads, ref_grads))
+    assert not torch.equal(out[0], plain_out[0])  # bf16 attention differs: the switch did something
+    assert m.arch.body.config._attn_implementation == "sdpa"
+    with fp32_attention([m], "fp32") as n:
+        assert n == 0
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_bf16_decoding_equals_transformers_generate_under_autocast(name):
     from peftlab.decode import generate
