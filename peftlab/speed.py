@@ -166,12 +166,14 @@ _FP32_SDPA = "peftlab_fp32_sdpa"
 def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, computed in fp32 where it would run in bf16 on the CPU (under
-    bf16 autocast, or given bf16; Llama's rotary embedding hands over q and k in fp32). Grouped
+    """transformers' SDPA attention where it would run in bf16 on the CPU (under bf16 autocast, or
+    given bf16), with the kernel working in fp32 on the same bf16-rounded inputs (Llama's rotary
+    embedding hands over q and k in fp32: autocast would round them too). The kernel saves its
+    inputs for backward as their bf16 originals, so the memory is that of bf16 attention. Grouped
     keys and values go to the kernel as they are (`enable_gqa`): transformers repeats them to
     every query head whenever there is a padding mask, which costs 10% of a step on short batches
-    and stores 3x the keys and values for backward. Anything unusual (caches, position biases,
-    keys longer than queries without a mask) goes to transformers' own function."""
+    and stores 3x the keys and values. Anything unusual (caches, position biases, keys longer
+    than queries without a mask) goes to transformers' own function."""
     cpu_bf16 = query.device.type == "cpu" and (_bf16_autocast(query) or torch.bfloat16 in (query.dtype, value.dtype))
     plain = attention_mask is not None or key.shape[2] == query.shape[2]
     unusual = any(kwargs.get(k) is not None for k in ("cache", "position_bias", "softcap")) or kwargs.get(
@@ -184,9 +186,20 @@ def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
-        out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=attention_mask,
-                                             dropout_p=dropout, scale=scaling, is_causal=causal,
-                                             enable_gqa=query.shape[1] != key.shape[1])
+        half = [t.to(torch.bfloat16) for t in (query, key, value)]
+        full = [t.float() for t in half]
+        originals = {t.data_ptr(): h for t, h in zip(full, half)}
+
+        def pack(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor]:
+            h = originals.get(t.data_ptr()) if t.dtype == torch.float32 else None
+            return t if h is None else (h,)  # exact: t is h in fp32
+
+        def unpack(t: torch.Tensor | tuple[torch.Tensor]) -> torch.Tensor:
+            return t[0].float() if isinstance(t, tuple) else t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            out = F.scaled_dot_product_attention(*full, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                                 is_causal=causal, enable_gqa=query.shape[1] != key.shape[1])
     return out.to(torch.bfloat16).transpose(1, 2).contiguous(), None
 
 

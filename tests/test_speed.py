@@ -112,9 +112,10 @@ def test_fp32_attention_under_bf16_autocast(name, method, monkeypatch):
         seen.append((q.dtype, k.dtype, v.dtype))
         return real(q, k, v, *a, **kw)
 
-    def upcast(q, k, v, attn_mask=None, **kw):  # the reference: attention in fp32 by hand
+    def upcast(q, k, v, attn_mask=None, **kw):  # the reference: bf16 inputs (as autocast), fp32 kernel by hand
         with torch.autocast("cpu", enabled=False):
-            return real(q.float(), k.float(), v.float(), attn_mask=attn_mask, **kw).to(torch.bfloat16)
+            q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
+            return real(q, k, v, attn_mask=attn_mask, **kw).to(torch.bfloat16)
 
     def step():
         m.zero_grad()
