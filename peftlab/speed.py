@@ -175,10 +175,9 @@ def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     and stores 3x the keys and values. Anything unusual (caches, position biases, keys longer
     than queries without a mask) goes to transformers' own function."""
     cpu_bf16 = query.device.type == "cpu" and (_bf16_autocast(query) or torch.bfloat16 in (query.dtype, value.dtype))
-    plain = attention_mask is not None or key.shape[2] == query.shape[2]
-    unusual = any(kwargs.get(k) is not None for k in ("cache", "position_bias", "softcap")) or kwargs.get(
-        "output_attentions")
-    if not cpu_bf16 or not plain or unusual:
+    unusual = (attention_mask is None and key.shape[2] != query.shape[2] or kwargs.get("output_attentions")
+               or any(kwargs.get(k) is not None for k in ("cache", "position_bias", "softcap")))
+    if not cpu_bf16 or unusual:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = query.shape[2] > 1 and attention_mask is None and (
@@ -216,18 +215,15 @@ def fp32_attention(modules: Iterable[nn.Module], precision: str = "bf16") -> Ite
 
     For training on the CPU: PyTorch's bf16 flash-attention backward is 4-10x slower than its
     fp32 one here (5.5 ms against 0.8 ms for 16 x 9 heads x 12 tokens; 49 against 27 ms at 128
-    tokens), 20% of a LoRA step on short SST-2 batches (torch profiler). In fp32 the scores and softmax are
-    more precise. Decoding keeps bf16 attention (its forward is as fast, and its tokens equal HF
-    `generate`'s under autocast). A no-op unless `precision` resolves to bf16.
+    tokens), 20% of a LoRA step on short SST-2 batches (torch profiler). Evaluation and decoding
+    keep bf16 attention (its forward is as fast, and decoded tokens equal HF `generate`'s under
+    autocast). A no-op unless `precision` resolves to bf16.
     """
     configs: list[PretrainedConfig] = []
-    if resolve(precision) == "bf16":
-        for root in modules:
-            for mod in root.modules():
-                cfg = getattr(mod, "config", None)
-                if (isinstance(cfg, PretrainedConfig) and cfg._attn_implementation == "sdpa"
-                        and not any(c is cfg for c in configs)):
-                    configs.append(cfg)
+    if resolve(precision) == "bf16":  # the attention modules share their model's config
+        configs = list({id(cfg): cfg for root in modules for mod in root.modules()
+                        if isinstance(cfg := getattr(mod, "config", None), PretrainedConfig)
+                        and cfg._attn_implementation == "sdpa"}.values())
     if configs:
         _register_fp32_sdpa()
     for cfg in configs:

@@ -95,8 +95,7 @@ def test_fp32_attention_under_bf16_autocast(name, method, monkeypatch):
     """speed.fp32_attention: the attention kernel gets fp32 inputs under bf16 autocast, and the
     outputs are bitwise those of the same model with SDPA upcast by hand, gradients equal to bf16
     rounding (with and without padding, grouped keys, a prefix); the model's attention setting is
-    restored on exit;
-    fp32 precision changes nothing."""
+    restored on exit; fp32 precision changes nothing."""
     import torch.nn.functional as F
 
     from peftlab.speed import fp32_attention
