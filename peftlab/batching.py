@@ -110,7 +110,7 @@ def batch_indices(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: 
     """Split example indices into batches.
 
     shuffle=True (training): a seeded permutation, sorted by length inside windows of
-    `bucket_window` batches when bucketing, then the batches shuffled. shuffle=False (evaluation):
+    `bucket_window` batches when bucketing, then the batches shuffled. shuffle=False (decoding):
     sorted by length when bucketing, else in order. Callers map outputs back through the indices.
     """
     n = len(lengths)
@@ -124,6 +124,25 @@ def batch_indices(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: 
         order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in np.split(order, range(w, n, w))])
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))] if bucket else batches
+
+
+def eval_batches(lengths: np.ndarray, batch_size: int, bucket: bool = True) -> list[np.ndarray]:
+    """Batches for one forward pass over a split (evaluation, feature caching), longest first:
+    each holds at most `batch_size` rows and `batch_size` x the mean length in padded tokens, so
+    the few long rows of a long-tailed split come in smaller batches instead of padding up to 63
+    others to their length (SMS spam at 64 a batch: 2.3x its real tokens as plain sorted
+    batches, 1.3x so). Batches stay `batch_size` rows on average. bucket=False: in order."""
+    n = len(lengths)
+    if not bucket:
+        return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    order = np.argsort(-lengths, kind="stable")
+    budget = batch_size * max(1.0, float(np.mean(lengths))) if n else 0.0
+    batches, start = [], 0
+    while start < n:  # a batch's first row is its longest: it sets the padded width
+        rows = int(min(batch_size, max(1, budget // max(1, lengths[order[start]]))))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
 
 
 def pad_rows(rows: list[torch.Tensor], side: str, value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,8 @@ backbone under task heads), every epoch recomputes the same hidden states there.
 them once per split, store them under PEFTLAB_HOME/features as safetensors, keyed by a hash of
 the frozen weights, the tokenizer, the token ids and the cut point, pooling and attention mode,
 so any change of model, data or pooling gives a new key (the old file is never read again).
+A bf16 run computes its features under bf16 autocast, as its end-to-end epochs would (and ~3x
+faster than fp32 here); they are keyed apart from fp32 ones.
 
 The cut point is one of:
   pooled     nothing in the body trains: the pooled (N, H) vectors, the head trains alone
@@ -28,9 +30,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftlab.batching import Encoded, batch_indices, collate, pad_rows
+from peftlab.batching import Encoded, collate, eval_batches, pad_rows
 from peftlab.checkpoint import load_weights, save_weights
 from peftlab.models import peftlab_home
+from peftlab.speed import autocast, bf16_weights, fp32_attention, resolve
 
 POOLED = -1  # the cut point "pooled features": nothing in the body trains
 
@@ -147,7 +150,8 @@ def frozen_digest(model: nn.Module, point: int) -> str:
     return h.hexdigest()
 
 
-def cache_key(model: nn.Module, enc: Encoded, tokenizer, point: int, weights: str | None = None) -> str:
+def cache_key(model: nn.Module, enc: Encoded, tokenizer, point: int, weights: str | None = None,
+              precision: str = "fp32") -> str:
     """A hash of everything the cached values depend on (`weights`: a frozen_digest already taken)."""
     arch = model.arch
     h = hashlib.blake2b(digest_size=16)
@@ -155,6 +159,8 @@ def cache_key(model: nn.Module, enc: Encoded, tokenizer, point: int, weights: st
             "bidirectional": bool(getattr(model, "bidirectional", False)), "side": tokenizer.padding_side,
             "attn": getattr(arch.body.config, "_attn_implementation", None), "tokenizer": type(tokenizer).__name__,
             "weights": weights or frozen_digest(model, point)}
+    if resolve(precision) == "bf16":  # only then: fp32 keys stay those of earlier versions
+        meta["precision"] = "bf16"
     h.update(json.dumps(meta, sort_keys=True).encode())
     h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(enc.lengths.tobytes())
@@ -163,7 +169,7 @@ def cache_key(model: nn.Module, enc: Encoded, tokenizer, point: int, weights: st
 
 
 def build_caches(model: nn.Module, data: dict[str, Encoded], tokenizer, point: int, *, batch_size: int = 64,
-                 progress: bool = True) -> dict[str, FeatureCache]:
+                 progress: bool = True, precision: str = "fp32") -> dict[str, FeatureCache]:
     """Every split's cache. A multi-task split is cached task by task, so multi- and single-task
     runs on the same data share their files."""
     weights = frozen_digest(model, point)
@@ -171,7 +177,7 @@ def build_caches(model: nn.Module, data: dict[str, Encoded], tokenizer, point: i
     def cache(split: str, enc: Encoded) -> FeatureCache:
         if enc.task_ids is None:
             return build_cache(model, enc, tokenizer, point, batch_size=batch_size, weights=weights,
-                               desc=f"caching {split} features", progress=progress)
+                               desc=f"caching {split} features", progress=progress, precision=precision)
         parts = [enc.select(np.flatnonzero(enc.task_ids == k)) for k in np.unique(enc.task_ids)]
         return FeatureCache.join([cache(f"{split} (task {k})", dataclasses.replace(e, task_ids=None))
                                   for k, e in enumerate(parts)])
@@ -180,9 +186,11 @@ def build_caches(model: nn.Module, data: dict[str, Encoded], tokenizer, point: i
 
 @torch.inference_mode()
 def build_cache(model: nn.Module, enc: Encoded, tokenizer, point: int, *, batch_size: int = 64,
-                weights: str | None = None, desc: str = "caching features", progress: bool = True) -> FeatureCache:
-    """Load the split's features at `point` from disk, or compute and store them."""
-    path = features_dir() / f"{cache_key(model, enc, tokenizer, point, weights)}.safetensors"
+                weights: str | None = None, desc: str = "caching features", progress: bool = True,
+                precision: str = "fp32") -> FeatureCache:
+    """Load the split's features at `point` from disk, or compute and store them (under bf16
+    autocast when `precision` resolves to bf16, with the same kernels as bf16 training runs)."""
+    path = features_dir() / f"{cache_key(model, enc, tokenizer, point, weights, precision)}.safetensors"
     if path.is_file():
         t = load_weights(path)
         offsets = t["offsets"].numpy() if "offsets" in t else None
@@ -199,21 +207,24 @@ def build_cache(model: nn.Module, enc: Encoded, tokenizer, point: int, *, batch_
 
     handle = _entry(model, point).register_forward_pre_hook(grab, with_kwargs=True) if point != POOLED else None
     try:
-        batches = batch_indices(enc.lengths, batch_size, shuffle=False)
-        for idx in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if progress else True):
-            b = collate(enc, idx, pad, side)
-            if point == POOLED:
-                feats = model.features(b["input_ids"], b["attention_mask"])
+        batches = eval_batches(enc.lengths, batch_size)
+        bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if progress else True)
+        with autocast(precision), bf16_weights([model], precision, frozen_only=False), \
+                fp32_attention([model], precision):
+            for idx in bar:
+                b = collate(enc, idx, pad, side)
+                if point == POOLED:
+                    feats = model.features(b["input_ids"], b["attention_mask"])
+                    for j, i in enumerate(idx):
+                        rows[i] = feats[j].to(torch.float32, copy=True)
+                    continue
+                try:
+                    model.features(b["input_ids"], b["attention_mask"])
+                except _Captured:
+                    pass
+                mask = b["attention_mask"].bool()
                 for j, i in enumerate(idx):
-                    rows[i] = feats[j].clone()
-                continue
-            try:
-                model.features(b["input_ids"], b["attention_mask"])
-            except _Captured:
-                pass
-            mask = b["attention_mask"].bool()
-            for j, i in enumerate(idx):
-                rows[i] = got["h"][j][mask[j]].clone()
+                    rows[i] = got["h"][j][mask[j]].to(torch.float32, copy=True)
     finally:
         if handle is not None:
             handle.remove()

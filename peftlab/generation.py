@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftlab import parallel
-from peftlab.batching import batch_indices, check_template, fill, fit_template, pad_rows
+from peftlab.batching import batch_indices, check_template, eval_batches, fill, fit_template, pad_rows
 from peftlab.data import data_roots
 from peftlab.decode import Sampling, generate, trim_at_stop
 from peftlab.errors import PeftlabError, unknown
@@ -195,7 +195,7 @@ def validation_loss(model: nn.Module, data: Pairs, batch_size: int, pad_id: int)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    batches, real = parallel.my_batches(batch_indices(data.lengths, batch_size, shuffle=False))
+    batches, real = parallel.my_batches(eval_batches(data.lengths, batch_size))
     for j, idx in enumerate(batches):  # under torchrun each process takes its share
         loss = lm_loss(model, collate_pairs(data, idx, pad_id), reduction="sum").item()
         if j < real:

@@ -36,6 +36,7 @@ from peftlab.models import Backbone, load_backbone
 from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join, learning_tasks, multi_metrics, \
     plan_batches
 from peftlab.runconfig import RunConfig
+from peftlab.speed import tune_allocator
 from peftlab.train import TensorBoard, evaluate, logits_fn, predict, train
 
 CONFIG, METRICS, WEIGHTS = "config.json", "metrics.json", "trainable.safetensors"
@@ -186,7 +187,7 @@ def attach_caches(p: Prepared, cfg: RunConfig, progress: bool = True) -> None:
     point = cut_point(p.model)
     if point is not None:
         p.caches = build_caches(p.model, p.data, p.backbone.tokenizer, point, batch_size=cfg.train.eval_batch_size,
-                                progress=progress)
+                                progress=progress, precision=cfg.train.precision)
 
 
 def evaluate_split(p: Prepared, cfg: RunConfig, split: str, progress: bool = False,
@@ -237,6 +238,7 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
     Under torchrun every process calls this; rank 0 alone writes the run directory.
     """
     parallel.init()
+    tune_allocator()  # before the feature cache and evaluations, not only the training loop
     main = parallel.is_main()
     out = Path(cfg.out) if cfg.out else parallel.gather_objects(default_run_dir(cfg))[0]  # rank 0's name
     _check_writable(out)

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftlab import parallel
-from peftlab.batching import Encoded, batch_indices, collate
+from peftlab.batching import Encoded, batch_indices, collate, eval_batches
 from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, logits_from_cache
 from peftlab.methods.lora import merged_for_inference
@@ -133,7 +133,7 @@ def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, buc
     model.eval()
     out_all = None
     loss_sum = 0.0
-    batches, real = parallel.my_batches(batch_indices(enc.lengths, batch_size, shuffle=False, bucket=bucket))
+    batches, real = parallel.my_batches(eval_batches(enc.lengths, batch_size, bucket))
     with merged_for_inference(model):  # one LoRA adapter: folded into the weights meanwhile
         for j, idx in enumerate(batches):  # under torchrun each process takes its share of the batches
             with autocast(precision):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from peftlab.batching import Encoded, batch_indices, collate, encode
+from peftlab.batching import Encoded, batch_indices, collate, encode, eval_batches
 from peftlab.data import TASKS, load_task, subset
 from peftlab.errors import PeftlabError
 from peftlab.models import load_backbone
@@ -82,6 +82,20 @@ def test_batches_cover_every_example_once_and_bucket_by_length():
     plain = batch_indices(lengths, 16, shuffle=True, seed=3, bucket=False)
     pad = lambda bs: sum(lengths[b].max() * len(b) - lengths[b].sum() for b in bs)
     assert pad(bucketed) < 0.2 * pad(plain)
+
+
+def test_eval_batches_cap_padded_tokens_on_a_long_tail():
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(5, 30, size=950), rng.integers(100, 300, size=50)])  # SMS-like tail
+    batches = eval_batches(lengths, 64)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    budget = 64 * lengths.mean()
+    assert all(len(b) <= 64 and (len(b) == 1 or len(b) * lengths[b].max() <= budget) for b in batches)
+    padded = lambda bs: sum(lengths[b].max() * len(b) for b in bs)
+    sorted_rows = batch_indices(lengths, 64, shuffle=False)  # 64 rows each, longest first
+    assert padded(batches) < 1.1 * lengths.sum() < 0.85 * padded(sorted_rows)  # 28,507 vs 36,016 slots
+    assert [b.tolist() for b in eval_batches(lengths[:100], 64, bucket=False)] == [list(range(64)), list(range(64, 100))]
+    assert eval_batches(np.array([], dtype=np.int64), 8) == []
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

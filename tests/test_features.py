@@ -38,12 +38,14 @@ def test_logits_from_the_cache_equal_the_full_forward(name, spec, toy_task):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,spec", [("tiny-llama", "last-1"), ("tiny-gpt2", "head"), ("tiny-bert", "last-1")])
-def test_training_from_the_cache_equals_training_end_to_end(name, spec, toy_task, tmp_path):
+@pytest.mark.parametrize("name,spec,precision", [
+    ("tiny-llama", "last-1", "fp32"), ("tiny-gpt2", "head", "fp32"), ("tiny-bert", "last-1", "fp32"),
+    ("tiny-llama", "last-1", "bf16"), ("tiny-gpt2", "head", "bf16")])  # bf16: features made as its epochs make them
+def test_training_from_the_cache_equals_training_end_to_end(name, spec, precision, toy_task, tmp_path):
     def run(cache: str):
         cfg = RunConfig(model=name, task=toy_task, method=spec, out=str(tmp_path / cache), train_limit=120,
-                        eval_limit=60, cache_features=cache,  # fp32: the reference for equivalences
-                        train=TrainArgs(epochs=2, batch_size=16, lr=1e-3, precision="fp32"))
+                        eval_limit=60, cache_features=cache,
+                        train=TrainArgs(epochs=2, batch_size=16, lr=1e-3, precision=precision))
         r = train_run(cfg, progress=False)
         return r, load_file(str(tmp_path / cache / "trainable.safetensors"))
     (r_cached, w_cached), (r_e2e, w_e2e) = run("auto"), run("off")
