@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     icl.add_argument("--batch-size", type=int, default=16)
     icl.add_argument("--max-length", type=int, default=1024, help="token budget of one prompt (default: 1024)")
     icl.add_argument("--out", default=None, help="folder for icl.json, icl.md, icl_curve.png")
+    icl.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast where the CPU has "
+                     "bf16 instructions (label words still scored in fp32), else fp32 (the reference)")
 
     ex = sub.add_parser("run", help="run an experiment file (defaults + grid); re-run to continue where it stopped")
     ex.add_argument("experiment", help="a YAML file, e.g. experiments/spam_methods.yaml")
@@ -264,7 +266,7 @@ def cmd_icl(args) -> None:
     from peftlab.icl import parse_shots, run_icl
 
     run_icl(args.model, args.task, parse_shots(args.shots), args.repeats, args.limit, args.seed, args.out,
-            args.batch_size, args.max_length)
+            args.batch_size, args.max_length, precision=args.precision)
 
 
 def cmd_run(args) -> None:

@@ -65,7 +65,9 @@ class LabelWords(nn.Module):
                              persistent=False)
 
     def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, num_labels) log-probabilities of each label's words after each input."""
+        """(B, num_labels) log-probabilities of each label's words after each input. The LM head
+        runs in fp32 even under bf16 autocast, as task heads do (`in_fp32`): label words' log-
+        probabilities are often close, and it reads only the scored positions."""
         if not bool(attention_mask[:, -1].all()):
             raise PeftlabError("label-word scoring needs left-padded inputs")
         B, (L, W) = input_ids.shape[0], self.word_ids.shape
@@ -73,13 +75,15 @@ class LabelWords(nn.Module):
         if W == 1:  # one forward: the next-token distribution after the input
             kw, _, _ = body_inputs(model, input_ids, attention_mask)
             h = model.body(**kw).last_hidden_state[:, -1]
-            return lm_head(h).float().log_softmax(-1)[:, self.word_ids[:, 0]]
+            with in_fp32(h):
+                return lm_head(h.float()).log_softmax(-1)[:, self.word_ids[:, 0]]
         words, wmask = self.word_ids.repeat(B, 1), self.word_mask.repeat(B, 1)  # (B*L, W)
         ids = torch.cat([input_ids.repeat_interleave(L, 0), words], 1)
         mask = torch.cat([attention_mask.repeat_interleave(L, 0), wmask.to(attention_mask.dtype)], 1)
         kw, _, _ = body_inputs(model, ids, mask)
         h = model.body(**kw).last_hidden_state[:, -W - 1:-1]  # the positions that predict each word token
-        logp = lm_head(h).float().log_softmax(-1).gather(-1, words.unsqueeze(-1)).squeeze(-1)
+        with in_fp32(h):
+            logp = lm_head(h.float()).log_softmax(-1).gather(-1, words.unsqueeze(-1)).squeeze(-1)
         return (logp * wmask).sum(-1).view(B, L)
 
 

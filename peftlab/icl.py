@@ -43,6 +43,7 @@ from peftlab.generation import GenTask, complete, encode_pairs, is_generation, l
 from peftlab.heads import Classifier, LanguageModel
 from peftlab.metrics import GENERATION_METRICS, METRICS, classification_metrics, generation_metrics
 from peftlab.models import Backbone, load_backbone
+from peftlab.speed import resolve
 from peftlab.train import logits_fn, predict
 
 SEP = "\n\n"  # between support examples, and before the query
@@ -128,19 +129,20 @@ def encode_prompts(task: Task, tokenizer: PreTrainedTokenizerBase, blocks: list[
 
 
 def score_prompts(model: Classifier, tokenizer: PreTrainedTokenizerBase, enc: Encoded,
-                  batch_size: int) -> np.ndarray:
+                  batch_size: int, precision: str = "fp32") -> np.ndarray:
     """(N, num_labels) label-word log-probabilities, in the order of `enc`.
 
     Batches come from prompts of similar length (sorted), left-padded: every prompt then ends
     at the last position, where the label words are scored.
     """
-    logits, _ = predict(model, enc, logits_fn(model, enc, tokenizer.pad_token_id, "left"), batch_size)
+    logits, _ = predict(model, enc, logits_fn(model, enc, tokenizer.pad_token_id, "left"), batch_size,
+                        precision=precision)
     return logits
 
 
 def icl_classify(backbone: Backbone, task: Task, shots: list[int], repeats: int = 3, limit: int | None = None,
                  seed: int = 0, batch_size: int = 16, max_length: int = 1024,
-                 progress: bool = True) -> list[dict]:
+                 progress: bool = True, precision: str = "auto") -> list[dict]:
     """k-shot in-context classification of the test split, for each k in `shots`.
 
     Args:
@@ -154,12 +156,14 @@ def icl_classify(backbone: Backbone, task: Task, shots: list[int], repeats: int 
         max_length: token budget of one prompt (capped at the model's context); longer prompts
             drop support examples from their front.
         progress: show a progress bar over the (k, repeat) cells.
+        precision: 'auto' (bf16 autocast where the CPU has bf16 instructions; the label words'
+            log-probabilities still come from an fp32 LM head), 'bf16' or 'fp32' (the reference).
 
     Returns:
         One record per k (ascending): k, metric (the task's), mean, std and values of it over
         the draws, the same for every metric under `metrics`, seeds, rows, prompt_tokens
         (mean per prompt), shortened (prompts over budget), dropped (support examples cut),
-        seconds.
+        seconds, precision (as resolved).
 
     Raises:
         PeftlabError: a bad k, repeats, limit, seed, batch size or budget; a model without an LM head.
@@ -181,9 +185,9 @@ def icl_classify(backbone: Backbone, task: Task, shots: list[int], repeats: int 
         t0 = time.perf_counter()
         blocks = support_blocks(task, train_ds, k, seed + r)
         enc, dropped = encode_prompts(task, tok, blocks, queries, labels, budget)
-        preds = score_prompts(model, tok, enc, batch_size).argmax(-1)
+        preds = score_prompts(model, tok, enc, batch_size, precision).argmax(-1)
         draws[k].append(Draw(classification_metrics(preds, labels), enc, dropped, time.perf_counter() - t0))
-    records = [_record(backbone.name, task, k, seed, draws[k]) for k in shots]
+    records = [_record(backbone.name, task, k, seed, draws[k], precision=precision) for k in shots]
     for rec in records:
         if rec["shortened"]:
             n = rec["rows"] * len(rec["seeds"])
@@ -194,7 +198,8 @@ def icl_classify(backbone: Backbone, task: Task, shots: list[int], repeats: int 
 
 
 def icl_generate(backbone: Backbone, task: GenTask, shots: list[int], repeats: int = 3, limit: int | None = None,
-                 seed: int = 0, batch_size: int = 8, max_length: int = 1024, progress: bool = True) -> list[dict]:
+                 seed: int = 0, batch_size: int = 8, max_length: int = 1024, progress: bool = True,
+                 precision: str = "auto") -> list[dict]:
     """k-shot in-context generation on the test split, for each k in `shots` (see `icl_classify`).
 
     Prompts longer than max_length shorten the query's input (as training does: xsum keeps
@@ -217,9 +222,10 @@ def icl_generate(backbone: Backbone, task: GenTask, shots: list[int], repeats: i
         # the support joins the template: an over-long prompt shortens the query's input, never the frame
         prompts = encode_pairs(queries, targets, tok, support + task.template, max_length, keep_end=task.keep_end,
                                with_targets=False)
-        preds = complete(model, tok, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size, seed=seed)
+        preds = complete(model, tok, prompts, max_new_tokens=task.max_new_tokens, batch_size=batch_size, seed=seed,
+                         precision=precision)
         draws[k].append(Draw(generation_metrics(preds, targets), prompts, prompts.truncated, time.perf_counter() - t0))
-    return [_record(backbone.name, task, k, seed, draws[k], GENERATION_METRICS) for k in shots]
+    return [_record(backbone.name, task, k, seed, draws[k], GENERATION_METRICS, precision) for k in shots]
 
 
 def _check_args(shots, repeats, limit, seed, batch_size, max_length) -> list[int]:
@@ -265,7 +271,7 @@ def _budget(backbone: Backbone, model: Classifier, max_length: int) -> int:
 
 
 def _record(model: str, task: Task | GenTask, k: int, seed: int, draws: list[Draw],
-            names: tuple[str, ...] = METRICS) -> dict:
+            names: tuple[str, ...] = METRICS, precision: str = "fp32") -> dict:
     """The summary of one k over its draws: mean, std (n-1; 0 for one draw) and values of each metric."""
     def stats(values: list[float]) -> dict:
         std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -280,7 +286,7 @@ def _record(model: str, task: Task | GenTask, k: int, seed: int, draws: list[Dra
         "seeds": [seed + i for i in range(len(draws))], "rows": len(draws[0].prompts),
         "prompt_tokens": float(np.mean([d.prompts.lengths.mean() for d in draws])),
         "shortened": sum(d.prompts.truncated for d in draws), "dropped": sum(d.dropped for d in draws),
-        "seconds": sum(d.seconds for d in draws),
+        "seconds": sum(d.seconds for d in draws), "precision": resolve(precision),
     }
 
 
@@ -367,12 +373,13 @@ def plot_curve(records: list[dict], path: str | Path) -> Path:
 
 def run_icl(model: str, task: str, shots: list[int], repeats: int = 3, limit: int | None = None,
             seed: int = 0, out_dir: str | Path | None = None, batch_size: int = 16, max_length: int = 1024,
-            progress: bool = True, show: bool = True) -> list[dict]:
+            progress: bool = True, show: bool = True, precision: str = "auto") -> list[dict]:
     """Load a model and a task, run `icl_classify`, write icl.json, icl.md and icl_curve.png, print the table.
 
     out_dir defaults to runs/icl-<model>-<task>-<time>. Returns the records.
     """
     _check_args(shots, repeats, limit, seed, batch_size, max_length)  # fail before any loading
+    resolve(precision)  # an unknown precision fails here, before anything loads
     generative = is_generation(task)
     loaded = load_gen_task(task, seed=seed) if generative else load_task(task, seed=seed)
     backbone = load_backbone(model, seed=seed)
@@ -385,7 +392,7 @@ def run_icl(model: str, task: str, shots: list[int], repeats: int = 3, limit: in
     except OSError as e:
         raise PeftlabError(f"cannot write to '{out}' ({e.strerror}); give another --out") from e
     run = icl_generate if generative else icl_classify
-    records = run(backbone, loaded, shots, repeats, limit, seed, batch_size, max_length, progress)
+    records = run(backbone, loaded, shots, repeats, limit, seed, batch_size, max_length, progress, precision)
     save_json(out / JSON, records)
     write_table(records, out / TABLE)
     plot_curve(records, out / CURVE)

@@ -207,7 +207,8 @@ def icl_cell(cell: Cell) -> dict:
     cfg, t0 = cell.config, time.perf_counter()
     with PeakMemory() as mem:
         r = run_icl(cfg.model, cfg.task, [cell.shots], repeats=1, limit=cfg.eval_limit, seed=cfg.seed,
-                    out_dir=cell.run_dir, batch_size=cfg.train.eval_batch_size, progress=False, show=False)[0]
+                    out_dir=cell.run_dir, batch_size=cfg.train.eval_batch_size, progress=False, show=False,
+                    precision=cfg.train.precision)[0]
     record = {
         "model": cfg.model, "task": r["task"], "method": "icl", "metric": r["metric"], "shots": cell.shots,
         "kind": "generation" if r["percent"] else "classification",

@@ -128,13 +128,16 @@ def logits_fn(model: nn.Module, enc: Encoded, pad_id: int, side: str, cache: Fea
 @parallel.inference
 def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, bucket: bool = True,
             precision: str = "fp32") -> tuple[np.ndarray, float]:
-    """Logits for every example in the original order, and the mean cross-entropy."""
+    """Logits for every example in the original order, and the mean cross-entropy. Under bf16
+    every projection reads a bf16 copy of its weight made once for the call (after a single LoRA
+    adapter is merged), not a cast per batch."""
     was_training = model.training
     model.eval()
     out_all = None
     loss_sum = 0.0
     batches, real = parallel.my_batches(eval_batches(enc.lengths, batch_size, bucket))
-    with merged_for_inference(model):  # one LoRA adapter: folded into the weights meanwhile
+    # one LoRA adapter: folded into the weights meanwhile, before any bf16 copy is made
+    with merged_for_inference(model), bf16_weights([model], precision, frozen_only=False):
         for j, idx in enumerate(batches):  # under torchrun each process takes its share of the batches
             with autocast(precision):
                 out = logits(idx).float()

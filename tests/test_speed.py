@@ -1,5 +1,7 @@
 """Fast defaults must not change results: allocator tuning, precision, length bucketing."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,44 @@ def test_bf16_weight_copies_change_nothing_but_speed(name):
         assert n_all > n
     with bf16_weights([m], "fp32") as n:
         assert n == 0
+
+
+@pytest.mark.parametrize("name,spec", [("tiny-llama", "lora"), ("tiny-gpt2", "last-1")])
+def test_bf16_evaluation_casts_each_weight_once_and_changes_no_logit(name, spec, monkeypatch):
+    """predict under bf16 reads one bf16 copy per projection for the whole call (LoRA merged
+    first), and its logits are bitwise those of plain autocast, which casts every batch."""
+    import peftlab.train
+    from peftlab.speed import casts_once
+
+    b, m, _ = adapted(name, spec)
+    enc = encode([f"apple river {'stone ' * n}" for n in range(24)], [n % 2 for n in range(24)], b.tokenizer, 64, "test")
+    fn = logits_fn(m, enc, b.tokenizer.pad_token_id, b.tokenizer.padding_side)
+    swapped = []
+    real = peftlab.train.bf16_weights
+
+    def spy(*a, **k):
+        swapped.append(k.get("frozen_only"))
+        return real(*a, **k)
+    monkeypatch.setattr(peftlab.train, "bf16_weights", spy)
+    fast, _ = predict(m, enc, fn, batch_size=8, precision="bf16")
+    monkeypatch.setattr(peftlab.train, "bf16_weights", lambda *a, **k: contextlib.nullcontext(0))
+    plain, _ = predict(m, enc, fn, batch_size=8, precision="bf16")
+    assert swapped == [False] and np.array_equal(fast, plain)
+    assert not [mod for mod in m.modules() if casts_once(mod)]  # the copies are gone after the call
+
+
+def test_label_words_are_scored_by_an_fp32_lm_head_under_bf16():
+    from peftlab.heads import Classifier
+
+    b = load_backbone("tiny-llama")
+    m = Classifier(b.arch, 2, tokenizer=b.tokenizer, label_words=("apple", "a stone river")).eval()
+    ids = torch.randint(5, 90, (3, 9))
+    seen = []
+    hook = b.arch.lm_head.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        m(ids, torch.ones_like(ids))
+    hook.remove()
+    assert seen and all(s == (torch.float32, torch.float32) for s in seen)
 
 
 @pytest.mark.parametrize("name,method", [("tiny-llama", "lora"), ("tiny-llama", "prefix"), ("tiny-gpt2", "lora")])
