@@ -215,9 +215,10 @@ def fp32_attention(modules: Iterable[nn.Module], precision: str = "bf16") -> Ite
 
     For training on the CPU: PyTorch's bf16 flash-attention backward is 4-10x slower than its
     fp32 one here (5.5 ms against 0.8 ms for 16 x 9 heads x 12 tokens; 49 against 27 ms at 128
-    tokens), 20% of a LoRA step on short SST-2 batches (torch profiler). Evaluation and decoding
-    keep bf16 attention (its forward is as fast, and decoded tokens equal HF `generate`'s under
-    autocast). A no-op unless `precision` resolves to bf16.
+    tokens), 20% of a LoRA step on short SST-2 batches (torch profiler). Feature caches use it too,
+    so a bf16 run's cached features are those its end-to-end epochs would compute. Evaluation and
+    decoding keep bf16 attention (its forward is as fast at prefill shapes, and decoded tokens
+    equal HF `generate`'s under autocast). A no-op unless `precision` resolves to bf16.
     """
     configs: list[PretrainedConfig] = []
     if resolve(precision) == "bf16":  # the attention modules share their model's config
