@@ -131,7 +131,7 @@ def eval_batches(lengths: np.ndarray, batch_size: int, bucket: bool = True) -> l
     each holds at most `batch_size` rows and `batch_size` x the mean length in padded tokens, so
     the few long rows of a long-tailed split come in smaller batches instead of padding up to 63
     others to their length (SMS spam at 64 a batch: 2.3x its real tokens as plain sorted
-    batches, 1.3x so). Batches stay `batch_size` rows on average. bucket=False: in order."""
+    batches, 1.3x so). bucket=False: `batch_size` rows each, in order."""
     n = len(lengths)
     if not bucket:
         return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]

@@ -25,6 +25,7 @@ from peftlab.decode import Sampling, generate, trim_at_stop
 from peftlab.errors import PeftlabError, unknown
 from peftlab.files import FORMATS, SPLITS, missing_column, read_file, read_folder, split_one, value_kind
 from peftlab.metrics import generation_metrics
+from peftlab.speed import autocast, bf16_weights
 
 
 
@@ -191,15 +192,18 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "
 
 
 @parallel.inference
-def validation_loss(model: nn.Module, data: Pairs, batch_size: int, pad_id: int) -> float:
+def validation_loss(model: nn.Module, data: Pairs, batch_size: int, pad_id: int, precision: str = "fp32") -> float:
+    """Mean teacher-forced loss per target token (under bf16: autocast, weights cast once)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     batches, real = parallel.my_batches(eval_batches(data.lengths, batch_size))
-    for j, idx in enumerate(batches):  # under torchrun each process takes its share
-        loss = lm_loss(model, collate_pairs(data, idx, pad_id), reduction="sum").item()
-        if j < real:
-            total, count = total + loss, count + data.target_tokens(idx)
+    with bf16_weights([model, model.arch.lm_head], precision, frozen_only=False):
+        for j, idx in enumerate(batches):  # under torchrun each process takes its share
+            with autocast(precision):
+                loss = lm_loss(model, collate_pairs(data, idx, pad_id), reduction="sum").item()
+            if j < real:
+                total, count = total + loss, count + data.target_tokens(idx)
     model.train(was_training)
     total, count = parallel.all_sum(total, count)
     return total / max(1, count)
@@ -235,7 +239,7 @@ def evaluate_generation(model: nn.Module, tokenizer, data: Pairs, *, max_new_tok
                         sampling: Sampling | None = None, seed: int = 0, progress: bool = False,
                         with_loss: bool = True, precision: str = "fp32") -> tuple[dict[str, float], float, list[str]]:
     """Task metrics of greedy (or sampled) outputs, the teacher-forced loss, and the outputs."""
-    loss = validation_loss(model, data, batch_size, tokenizer.pad_token_id) if with_loss else float("nan")
+    loss = validation_loss(model, data, batch_size, tokenizer.pad_token_id, precision) if with_loss else float("nan")
     preds = complete(model, tokenizer, data.prompts(), max_new_tokens=max_new_tokens, batch_size=batch_size,
                      sampling=sampling, seed=seed, progress=progress, precision=precision)
     return generation_metrics(preds, data.targets), loss, preds

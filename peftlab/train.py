@@ -129,8 +129,9 @@ def logits_fn(model: nn.Module, enc: Encoded, pad_id: int, side: str, cache: Fea
 def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, bucket: bool = True,
             precision: str = "fp32") -> tuple[np.ndarray, float]:
     """Logits for every example in the original order, and the mean cross-entropy. Under bf16
-    every projection reads a bf16 copy of its weight made once for the call (after a single LoRA
-    adapter is merged), not a cast per batch."""
+    every projection reads a bf16 copy of its weight, not a cast per batch: made once for the call
+    (after a single LoRA adapter is merged), or, for frozen weights while `train()` runs (which
+    merges nothing), once for the run."""
     was_training = model.training
     model.eval()
     out_all = None

@@ -15,7 +15,9 @@ def test_smollm2_last_block_learns_sms_spam_in_bf16_as_in_fp32(tmp_path):
     norm + head on real SMS spam, in fp32 (the reference) and in bf16 autocast, each with its
     default feature cache (the frozen 29 blocks run once, in the run's precision: bf16's are
     those its end-to-end epochs would compute, see test_features); same seed and batches, bf16's
-    test accuracy no more than 1 point below fp32's."""
+    test accuracy no more than 1 point below fp32's. (bf16 through all 30 blocks every epoch ran
+    here until 2026-11-24, 40 s more: 95.5 / macro-F1 88.7; the tiny-model tests and the demo's
+    LoRA, full and prompt cells keep that path covered.)"""
     def run(precision):
         cfg = RunConfig(model="smollm2-135m", task="sms_spam", method="last-block+norm", train_limit=320,
                         eval_limit=200, out=str(tmp_path / precision),

@@ -62,6 +62,9 @@ def test_the_cache_is_keyed_by_model_data_and_pooling(toy_task, feature_cache_in
     tok, enc, point = p.backbone.tokenizer, p.data["test"], POOLED
     key = cache_key(p.model, enc, tok, point)
     assert cache_key(p.model, enc, tok, point) == key  # deterministic
+    # bf16 features are keyed apart; fp32 keys are those of versions before the precision existed
+    assert cache_key(p.model, enc, tok, point, precision="bf16") != key == cache_key(p.model, enc, tok, point,
+                                                                                      precision="fp32")
     first = build_cache(p.model, enc, tok, point, progress=False)
     assert list(feature_cache_in_tmp.glob("*.safetensors")) == [feature_cache_in_tmp / f"{key}.safetensors"]
     # a second build reads the file: the model is never run

@@ -105,15 +105,32 @@ def test_bf16_evaluation_casts_each_weight_once_and_changes_no_logit(name, spec,
     swapped = []
     real = peftlab.train.bf16_weights
 
+    @contextlib.contextmanager
     def spy(*a, **k):
-        swapped.append(k.get("frozen_only"))
-        return real(*a, **k)
+        with real(*a, **k) as n:
+            swapped.append((k.get("frozen_only"), n, sum(casts_once(mod) for mod in m.modules())))
+            yield n
     monkeypatch.setattr(peftlab.train, "bf16_weights", spy)
     fast, _ = predict(m, enc, fn, batch_size=8, precision="bf16")
     monkeypatch.setattr(peftlab.train, "bf16_weights", lambda *a, **k: contextlib.nullcontext(0))
     plain, _ = predict(m, enc, fn, batch_size=8, precision="bf16")
-    assert swapped == [False] and np.array_equal(fast, plain)
+    [(frozen_only, n, reading_copies)] = swapped
+    assert frozen_only is False and n == reading_copies >= 4 and np.array_equal(fast, plain)
     assert not [mod for mod in m.modules() if casts_once(mod)]  # the copies are gone after the call
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_bf16_validation_loss_of_a_generator_is_fp32_loss_to_bf16_rounding(name):
+    from peftlab.generation import encode_pairs, validation_loss
+    from peftlab.heads import LanguageModel
+
+    b = load_backbone(name)
+    m = LanguageModel(b.arch, b.tokenizer)
+    pairs = encode_pairs([f"the cat sat on {'the ' * n}mat" for n in range(12)], ["mat"] * 12, b.tokenizer,
+                         "{text} =>", 64)
+    fp32 = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id)
+    bf16 = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id, precision="bf16")
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-2)  # bf16 ran, and close
 
 
 def test_label_words_are_scored_by_an_fp32_lm_head_under_bf16():
