@@ -24,6 +24,7 @@ from peftlab.data import data_roots
 from peftlab.decode import Sampling, generate, trim_at_stop
 from peftlab.errors import PeftlabError, unknown
 from peftlab.files import FORMATS, SPLITS, missing_column, read_file, read_folder, split_one, value_kind
+from peftlab.methods.lora import merged_for_inference
 from peftlab.metrics import generation_metrics
 from peftlab.speed import autocast, bf16_weights
 
@@ -193,12 +194,13 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "
 
 @parallel.inference
 def validation_loss(model: nn.Module, data: Pairs, batch_size: int, pad_id: int, precision: str = "fp32") -> float:
-    """Mean teacher-forced loss per target token (under bf16: autocast, weights cast once)."""
+    """Mean teacher-forced loss per target token: a single LoRA adapter merged meanwhile, under
+    bf16 autocast with the weights cast once (after the merge)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     batches, real = parallel.my_batches(eval_batches(data.lengths, batch_size))
-    with bf16_weights([model, model.arch.lm_head], precision, frozen_only=False):
+    with merged_for_inference(model), bf16_weights([model, model.arch.lm_head], precision, frozen_only=False):
         for j, idx in enumerate(batches):  # under torchrun each process takes its share
             with autocast(precision):
                 loss = lm_loss(model, collate_pairs(data, idx, pad_id), reduction="sum").item()

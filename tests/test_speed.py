@@ -120,17 +120,38 @@ def test_bf16_evaluation_casts_each_weight_once_and_changes_no_logit(name, spec,
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_bf16_validation_loss_of_a_generator_is_fp32_loss_to_bf16_rounding(name):
+def test_a_generators_validation_loss_runs_lora_merged_and_follows_the_precision(name, monkeypatch):
+    from peftlab import generation
     from peftlab.generation import encode_pairs, validation_loss
     from peftlab.heads import LanguageModel
+    from peftlab.methods import MethodArgs, parse_method
+    from peftlab.methods.lora import lora_layers
 
     b = load_backbone(name)
     m = LanguageModel(b.arch, b.tokenizer)
     pairs = encode_pairs([f"the cat sat on {'the ' * n}mat" for n in range(12)], ["mat"] * 12, b.tokenizer,
                          "{text} =>", 64)
-    fp32 = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    lora = parse_method("lora", MethodArgs())
+    lora.apply(m)
+    for layer in lora_layers(m):  # a trained-looking adapter: B away from its zero init
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    merged, real = [], generation.merged_for_inference
+
+    @contextlib.contextmanager
+    def spy(model):
+        with real(model) as did:
+            merged.append(did)
+            yield did
+    monkeypatch.setattr(generation, "merged_for_inference", spy)
+    plain = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id)
+    monkeypatch.setattr(generation, "merged_for_inference", lambda model: contextlib.nullcontext(False))
+    unmerged = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id)
+    monkeypatch.undo()
     bf16 = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id, precision="bf16")
-    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-2)  # bf16 ran, and close
+    assert merged == [True] and plain == pytest.approx(unmerged, rel=1e-5)  # merged meanwhile: same loss
+    assert bf16 != plain and bf16 == pytest.approx(plain, rel=2e-2)  # bf16 ran, and close
+    assert not any(layer.merged for layer in lora_layers(m))
 
 
 def test_label_words_are_scored_by_an_fp32_lm_head_under_bf16():
