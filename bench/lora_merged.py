@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import peftlab.decode
-import peftlab.train
+import peftlab.methods.lora
 from peftlab.heads import LanguageModel
 from peftlab.methods import MethodArgs, parse_method
 from peftlab.methods.lora import lora_layers
@@ -27,12 +27,12 @@ from peftlab.run import prepare
 from peftlab.runconfig import RunConfig
 from peftlab.train import TrainArgs, logits_fn, predict
 
-REAL = peftlab.train.merged_for_inference
+REAL = peftlab.methods.lora.merged_for_inference
 
 
 def use(merged: bool) -> None:
     fn = REAL if merged else (lambda *a, **k: contextlib.nullcontext(False))
-    peftlab.train.merged_for_inference = peftlab.decode.merged_for_inference = fn
+    peftlab.methods.lora.merged_for_inference = fn  # what inference_weights (evaluation, decoding) calls
 
 
 def alternate(rounds: int, fn: Callable[[], object]) -> dict[bool, list[tuple[float, object]]]:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from peftlab import parallel
-from peftlab.methods.lora import merged_for_inference
-from peftlab.speed import autocast, bf16_weights
+from peftlab.methods.lora import inference_weights
+from peftlab.speed import autocast
 from peftlab.virtual import body_inputs
 
 
@@ -89,11 +89,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     stop when every row has. `on_step(tokens)` sees each step's (B,) tokens, for streaming.
     `use_cache=False` recomputes every step from scratch (the reference). `precision` 'bf16' (or
     'auto' where the CPU has bf16 instructions) decodes under bf16 autocast with the weights cast
-    once (`speed.bf16_weights`), not once per token. A single active LoRA adapter runs merged
-    into the weights (`lora.merged_for_inference`).
+    once, not once per token; a single active LoRA adapter runs merged into the weights
+    (`lora.inference_weights`).
     """
-    with merged_for_inference(model), autocast(precision), \
-            bf16_weights([model, model.arch.lm_head], precision, frozen_only=False):
+    with inference_weights(model, precision, model.arch.lm_head), autocast(precision):
         return _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_ids, pad_id, use_cache,
                          seed, stop_strings, tokenizer, on_step)
 

@@ -24,9 +24,9 @@ from peftlab.data import data_roots
 from peftlab.decode import Sampling, generate, trim_at_stop
 from peftlab.errors import PeftlabError, unknown
 from peftlab.files import FORMATS, SPLITS, missing_column, read_file, read_folder, split_one, value_kind
-from peftlab.methods.lora import merged_for_inference
+from peftlab.methods.lora import inference_weights
 from peftlab.metrics import generation_metrics
-from peftlab.speed import autocast, bf16_weights
+from peftlab.speed import autocast
 
 
 
@@ -200,7 +200,7 @@ def validation_loss(model: nn.Module, data: Pairs, batch_size: int, pad_id: int,
     model.eval()
     total, count = 0.0, 0
     batches, real = parallel.my_batches(eval_batches(data.lengths, batch_size))
-    with merged_for_inference(model), bf16_weights([model, model.arch.lm_head], precision, frozen_only=False):
+    with inference_weights(model, precision, model.arch.lm_head):
         for j, idx in enumerate(batches):  # under torchrun each process takes its share
             with autocast(precision):
                 loss = lm_loss(model, collate_pairs(data, idx, pad_id), reduction="sum").item()

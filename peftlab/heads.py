@@ -75,16 +75,19 @@ class LabelWords(nn.Module):
         if W == 1:  # one forward: the next-token distribution after the input
             kw, _, _ = body_inputs(model, input_ids, attention_mask)
             h = model.body(**kw).last_hidden_state[:, -1]
-            with in_fp32(h):
-                return lm_head(h.float()).log_softmax(-1)[:, self.word_ids[:, 0]]
+            return self._log_probs(lm_head, h)[:, self.word_ids[:, 0]]
         words, wmask = self.word_ids.repeat(B, 1), self.word_mask.repeat(B, 1)  # (B*L, W)
         ids = torch.cat([input_ids.repeat_interleave(L, 0), words], 1)
         mask = torch.cat([attention_mask.repeat_interleave(L, 0), wmask.to(attention_mask.dtype)], 1)
         kw, _, _ = body_inputs(model, ids, mask)
         h = model.body(**kw).last_hidden_state[:, -W - 1:-1]  # the positions that predict each word token
-        with in_fp32(h):
-            logp = lm_head(h.float()).log_softmax(-1).gather(-1, words.unsqueeze(-1)).squeeze(-1)
+        logp = self._log_probs(lm_head, h).gather(-1, words.unsqueeze(-1)).squeeze(-1)
         return (logp * wmask).sum(-1).view(B, L)
+
+    @staticmethod
+    def _log_probs(lm_head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        with in_fp32(h):
+            return lm_head(h.float()).log_softmax(-1)
 
 
 class Classifier(nn.Module):

@@ -21,7 +21,6 @@ score ROUGE / exact match; k = 0 on xsum is the hard-prompt baseline ("Summarize
 in one sentence. ... Summary:") that fine-tuned methods are compared with.
 """
 
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
-from rich.console import Console
-from rich.table import Table
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -41,6 +38,7 @@ from peftlab.data import Task, load_task, subset
 from peftlab.errors import PeftlabError
 from peftlab.generation import GenTask, complete, encode_pairs, is_generation, load_gen_task
 from peftlab.heads import Classifier, LanguageModel
+from peftlab.icl_report import plot_curve, print_table, write_table
 from peftlab.metrics import GENERATION_METRICS, METRICS, classification_metrics, generation_metrics
 from peftlab.models import Backbone, load_backbone
 from peftlab.speed import resolve
@@ -168,7 +166,7 @@ def icl_classify(backbone: Backbone, task: Task, shots: list[int], repeats: int 
     Raises:
         PeftlabError: a bad k, repeats, limit, seed, batch size or budget; a model without an LM head.
     """
-    shots = _check_args(shots, repeats, limit, seed, batch_size, max_length)
+    shots = _check_args(shots, repeats, limit, seed, batch_size, max_length, precision)
     _check_inputs(backbone, task, shots)
     train_ds = task.splits["train"]
     tok = backbone.tokenizer
@@ -205,7 +203,7 @@ def icl_generate(backbone: Backbone, task: GenTask, shots: list[int], repeats: i
     Prompts longer than max_length shorten the query's input (as training does: xsum keeps
     the article's start, bAbI the story's end); outputs are decoded greedily and cut at a newline.
     """
-    shots = _check_args(shots, repeats, limit, seed, batch_size, max_length)
+    shots = _check_args(shots, repeats, limit, seed, batch_size, max_length, precision)
     train_ds, tok = task.splits["train"], backbone.tokenizer
     for k in shots:
         _check_k(k, len(train_ds))
@@ -228,7 +226,8 @@ def icl_generate(backbone: Backbone, task: GenTask, shots: list[int], repeats: i
     return [_record(backbone.name, task, k, seed, draws[k], GENERATION_METRICS, precision) for k in shots]
 
 
-def _check_args(shots, repeats, limit, seed, batch_size, max_length) -> list[int]:
+def _check_args(shots, repeats, limit, seed, batch_size, max_length, precision) -> list[int]:
+    resolve(precision)  # an unknown precision fails with the other arguments, before anything loads
     checks = [
         (len(shots) > 0, "give at least one k in --shots, e.g. 0,1,4,8,16"),
         (repeats >= 1, f"--repeats must be at least 1, got {repeats}"),
@@ -290,85 +289,6 @@ def _record(model: str, task: Task | GenTask, k: int, seed: int, draws: list[Dra
     }
 
 
-# --- reports: a table and a curve, made from the records alone ---------------------------------------
-
-def table_title(records: list[dict]) -> str:
-    r = records[0]
-    return (f"In-context learning, {r['model']} on {r['task']}: test metrics in %{'' if r['percent'] else ' (MCC x100)'}, "
-            f"mean ± std over support draws, {r['rows']} test rows; task metric: {r['metric']}")
-
-
-def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    names, scale = list(records[0]["metrics"]), _scale(records[0])
-    cols = ["k", "draws", *names, "tokens/prompt", "seconds"]
-    rows = [[str(r["k"]), str(len(r["values"])),
-             *[f"{scale * r['metrics'][m]['mean']:.1f} ± {scale * r['metrics'][m]['std']:.1f}" for m in names],
-             f"{r['prompt_tokens']:.0f}", f"{r['seconds']:.1f}"] for r in records]
-    return cols, rows
-
-
-def _scale(record: dict) -> float:
-    return 1.0 if record.get("percent") else 100.0
-
-
-def markdown_table(records: list[dict]) -> str:
-    cols, rows = table_rows(records)
-    lines = [f"**{table_title(records)}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
-def write_table(records: list[dict], path: str | Path) -> Path:
-    """Write the per-k table as Markdown."""
-    path = Path(path)
-    path.write_text(markdown_table(records))
-    return path
-
-
-def print_table(records: list[dict]) -> None:
-    cols, rows = table_rows(records)
-    table = Table(title=table_title(records))
-    for c in cols:
-        table.add_column(c, justify="right", no_wrap=True)
-    for row in rows:
-        table.add_row(*row)
-    Console(width=None if sys.stdout.isatty() else 120).print(table)
-
-
-def plot_curve(records: list[dict], path: str | Path) -> Path:
-    """The k-shot curve as a PNG: the task metric (and accuracy, if it differs) against k, error bars = std.
-
-    k sits on a categorical axis, so k = 0 shows and 1, 4, 16 are evenly spaced.
-    """
-    # Figure + the Agg canvas, not pyplot: no global backend switch, nothing left open
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    r0 = records[0]
-    fig = Figure(figsize=(6, 4), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    x = np.arange(len(records))
-    scale = _scale(r0)
-    for m in dict.fromkeys([r0["metric"], "accuracy" if "accuracy" in r0["metrics"] else r0["metric"]]):
-        mean = [scale * r["metrics"][m]["mean"] for r in records]
-        std = [scale * r["metrics"][m]["std"] for r in records]
-        label = m + (" (task metric)" if m == r0["metric"] else "")
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=4, label=label)
-    ax.set_xticks(x, [str(r["k"]) for r in records])
-    ax.set_xlabel("k (support examples in the prompt)")
-    ax.set_ylabel("test score (%)")
-    draws = max(len(r["values"]) for r in records)
-    spread = f"mean ± std over {draws} support draws per k (k = 0: one)" if draws > 1 else "one support draw per k"
-    ax.set_title(f"{r0['model']} on {r0['task']}: in-context learning\n{r0['rows']} test rows, {spread}",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
-
-
 # --- one call for the CLI ---------------------------------------------------------------------------
 
 def run_icl(model: str, task: str, shots: list[int], repeats: int = 3, limit: int | None = None,
@@ -378,8 +298,7 @@ def run_icl(model: str, task: str, shots: list[int], repeats: int = 3, limit: in
 
     out_dir defaults to runs/icl-<model>-<task>-<time>. Returns the records.
     """
-    _check_args(shots, repeats, limit, seed, batch_size, max_length)  # fail before any loading
-    resolve(precision)  # an unknown precision fails here, before anything loads
+    _check_args(shots, repeats, limit, seed, batch_size, max_length, precision)  # fail before any loading
     generative = is_generation(task)
     loaded = load_gen_task(task, seed=seed) if generative else load_task(task, seed=seed)
     backbone = load_backbone(model, seed=seed)

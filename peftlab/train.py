@@ -23,7 +23,7 @@ from peftlab import parallel
 from peftlab.batching import Encoded, batch_indices, collate, eval_batches
 from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, logits_from_cache
-from peftlab.methods.lora import merged_for_inference
+from peftlab.methods.lora import inference_weights
 from peftlab.metrics import classification_metrics
 from peftlab.parallel import STRATEGIES, Strategy
 from peftlab.speed import PRECISIONS, Precision, autocast, bf16_weights, fp32_attention, tune_allocator
@@ -137,8 +137,7 @@ def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, buc
     out_all = None
     loss_sum = 0.0
     batches, real = parallel.my_batches(eval_batches(enc.lengths, batch_size, bucket))
-    # one LoRA adapter: folded into the weights meanwhile, before any bf16 copy is made
-    with merged_for_inference(model), bf16_weights([model], precision, frozen_only=False):
+    with inference_weights(model, precision):
         for j, idx in enumerate(batches):  # under torchrun each process takes its share of the batches
             with autocast(precision):
                 out = logits(idx).float()

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from peftlab import icl
+from peftlab import icl, icl_report
 from peftlab.batching import fill
 from peftlab.data import load_task
 from peftlab.errors import PeftlabError
@@ -216,9 +216,9 @@ def test_generation_icl_prompts_decode_and_score(monkeypatch, tmp_path):
     zero, two = seen[0], seen[4]
     assert zero == "Q: test0\nA:"
     assert two.count("\nA: t") == 2 and two.endswith(SEP + "Q: test0\nA:") and "train" in two
-    md = icl.markdown_table(records)
+    md = icl_report.markdown_table(records)
     assert "exact_match" in md and "MCC" not in md
-    icl.plot_curve(records, tmp_path / "curve.png")
+    icl_report.plot_curve(records, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
 
 

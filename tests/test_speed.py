@@ -96,23 +96,23 @@ def test_bf16_weight_copies_change_nothing_but_speed(name):
 def test_bf16_evaluation_casts_each_weight_once_and_changes_no_logit(name, spec, monkeypatch):
     """predict under bf16 reads one bf16 copy per projection for the whole call (LoRA merged
     first), and its logits are bitwise those of plain autocast, which casts every batch."""
-    import peftlab.train
+    import peftlab.methods.lora
     from peftlab.speed import casts_once
 
     b, m, _ = adapted(name, spec)
     enc = encode([f"apple river {'stone ' * n}" for n in range(24)], [n % 2 for n in range(24)], b.tokenizer, 64, "test")
     fn = logits_fn(m, enc, b.tokenizer.pad_token_id, b.tokenizer.padding_side)
     swapped = []
-    real = peftlab.train.bf16_weights
+    real = peftlab.methods.lora.bf16_weights
 
     @contextlib.contextmanager
     def spy(*a, **k):
         with real(*a, **k) as n:
             swapped.append((k.get("frozen_only"), n, sum(casts_once(mod) for mod in m.modules())))
             yield n
-    monkeypatch.setattr(peftlab.train, "bf16_weights", spy)
+    monkeypatch.setattr(peftlab.methods.lora, "bf16_weights", spy)
     fast, _ = predict(m, enc, fn, batch_size=8, precision="bf16")
-    monkeypatch.setattr(peftlab.train, "bf16_weights", lambda *a, **k: contextlib.nullcontext(0))
+    monkeypatch.setattr(peftlab.methods.lora, "bf16_weights", lambda *a, **k: contextlib.nullcontext(0))
     plain, _ = predict(m, enc, fn, batch_size=8, precision="bf16")
     [(frozen_only, n, reading_copies)] = swapped
     assert frozen_only is False and n == reading_copies >= 4 and np.array_equal(fast, plain)
@@ -121,8 +121,8 @@ def test_bf16_evaluation_casts_each_weight_once_and_changes_no_logit(name, spec,
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_a_generators_validation_loss_runs_lora_merged_and_follows_the_precision(name, monkeypatch):
-    from peftlab import generation
     from peftlab.generation import encode_pairs, validation_loss
+    from peftlab.methods import lora as lora_module
     from peftlab.heads import LanguageModel
     from peftlab.methods import MethodArgs, parse_method
     from peftlab.methods.lora import lora_layers
@@ -136,16 +136,16 @@ def test_a_generators_validation_loss_runs_lora_merged_and_follows_the_precision
     lora.apply(m)
     for layer in lora_layers(m):  # a trained-looking adapter: B away from its zero init
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
-    merged, real = [], generation.merged_for_inference
+    merged, real = [], lora_module.merged_for_inference
 
     @contextlib.contextmanager
     def spy(model):
         with real(model) as did:
             merged.append(did)
             yield did
-    monkeypatch.setattr(generation, "merged_for_inference", spy)
+    monkeypatch.setattr(lora_module, "merged_for_inference", spy)
     plain = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id)
-    monkeypatch.setattr(generation, "merged_for_inference", lambda model: contextlib.nullcontext(False))
+    monkeypatch.setattr(lora_module, "merged_for_inference", lambda model: contextlib.nullcontext(False))
     unmerged = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id)
     monkeypatch.undo()
     bf16 = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id, precision="bf16")

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
 from peftlab.parallel import sharded
-from peftlab.speed import casts_once
+from peftlab.speed import bf16_weights, casts_once
 
 DEFAULT_TARGETS = "q_proj,v_proj,c_attn:q,v,query,value"
 
@@ -319,3 +319,13 @@ def merged_for_inference(model: nn.Module) -> Iterator[bool]:
         for layer, w, data in saved:
             w.data = data
             layer.merged.clear()
+
+
+@contextmanager
+def inference_weights(model: nn.Module, precision: str, *extra: nn.Module) -> Iterator[bool]:
+    """The weights of a forward-only pass (evaluation, decoding): a single active LoRA adapter
+    merged (`merged_for_inference`), then under bf16 every projection of `model` and `extra` (an LM
+    head outside it) reading a bf16 copy of its weight (`speed.bf16_weights`), made after the
+    merge so it holds it. Yields whether it merged."""
+    with merged_for_inference(model) as merged, bf16_weights([model, *extra], precision, frozen_only=False):
+        yield merged
