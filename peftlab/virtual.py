@@ -14,17 +14,20 @@ of the transformer body, with masks and positions right under left or right padd
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                past=None, use_cache: bool = False) -> tuple[dict, torch.Tensor, torch.Tensor]:
+                past=None, use_cache: bool = False, kv_dtype: torch.dtype | None = None
+                ) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Arguments for `model.arch.body`, the full attention mask, and the mask to pool over.
 
     `model` carries `arch` and optional `prompt` / `prefix` modules (None when absent).
     Without `past`, virtual tokens are added and `attention_mask` covers the real tokens only.
     With `past` (a cache from earlier decoding steps, virtual tokens already inside),
     `attention_mask` is the running mask over everything cached plus the new tokens.
-    The returned full mask is what the next decoding step extends.
+    The returned full mask is what the next decoding step extends. `kv_dtype` (with `use_cache`,
+    no `past`): the new cache keeps keys and values in that dtype (`prefill`).
     """
     arch, prompt, prefix = model.arch, getattr(model, "prompt", None), getattr(model, "prefix", None)
     kw: dict = {"use_cache": use_cache}
@@ -41,7 +44,9 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         if prompt is not None:
             kw["inputs_embeds"] = torch.cat([prompt(B), arch.embeddings(input_ids)], 1)
         if prefix is not None:
-            kw["past_key_values"] = prefix.cache(B, arch.body.config)
+            kw["past_key_values"] = prefix.cache(B, arch.body.config, kv_dtype)
+    if use_cache and kv_dtype is not None and "past_key_values" not in kw:
+        kw["past_key_values"] = prefill([], arch.body.config, kv_dtype)
     if "inputs_embeds" not in kw:
         kw["input_ids"] = input_ids
     kw["attention_mask"] = mask
@@ -61,9 +66,33 @@ def full_attention_mask(mask: torch.Tensor, n_query: int, config, dtype: torch.d
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def prefill(cache_kv: list[tuple[torch.Tensor, torch.Tensor]], config) -> DynamicCache:
-    """A cache holding the given (B, kv_heads, n, head_dim) keys and values for each layer."""
+class _StoredAs(DynamicLayer):
+    """A cache layer that keeps keys and values in one dtype, for decoding under autocast.
+
+    Under bf16 autocast Llama's keys leave the rotary embedding in fp32 and transformers' cache
+    takes the keys' dtype for the values too, so the cache grows in fp32 and autocast casts all
+    of it to bf16 again at every step's attention: at batch 8 that is 10% of a decoding step.
+    Stored rounded to bf16 once, attention reads the values the casts would have made (decoded
+    tokens are the same), from half the memory."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.stored = dtype
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states.to(self.stored), value_states)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return super().update(key_states.to(self.stored), value_states.to(self.stored), *args, **kwargs)
+
+
+def prefill(cache_kv: list[tuple[torch.Tensor, torch.Tensor]], config, dtype: torch.dtype | None = None
+            ) -> DynamicCache:
+    """A cache holding the given (B, kv_heads, n, head_dim) keys and values for each layer; with
+    `dtype`, every layer keeps what it holds and gains in that dtype (bf16 under bf16 autocast)."""
     cache = DynamicCache(config=config)
+    if dtype is not None:
+        cache.layers = [_StoredAs(dtype) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     for i, (k, v) in enumerate(cache_kv):
         cache.update(k, v, i)
     return cache

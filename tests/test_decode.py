@@ -71,3 +71,28 @@ def test_rows_stop_at_stop_ids():
     out = generate(m, batch["input_ids"], batch["attention_mask"], 6, stop_ids=(stop,), pad_id=-1)
     first = (free[0] == stop).nonzero()[0].item()
     assert out[0, first] == stop and (out[0, first + 1:] == -1).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("spec", [None, "prefix", "lora"])
+def test_a_bf16_kv_cache_changes_no_logit_under_bf16_autocast(name, spec):
+    """Decoding under bf16 keeps its KV cache in bf16: attention reads exactly the values that
+    autocast's casts of a fp32 cache would give, so every step's logits are bitwise the same."""
+    from peftlab.decode import next_logits
+
+    b, m = lm(name, spec)
+    batch = b.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    runs = {}
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for kv_dtype in (torch.bfloat16, None):
+            ids, mask, past, steps = batch["input_ids"], batch["attention_mask"], None, []
+            for _ in range(4):
+                logits, past, mask = next_logits(m, ids, mask, past, kv_dtype=kv_dtype)
+                steps.append(logits)
+                ids, mask = logits.argmax(-1, keepdim=True), torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+            runs[kv_dtype] = steps, {layer.keys.dtype for layer in past.layers} | {layer.values.dtype for layer in past.layers}
+    (fast, held), (plain, plain_held) = runs[torch.bfloat16], runs[None]
+    assert held == {torch.bfloat16}
+    assert all(torch.equal(a, c) for a, c in zip(fast, plain))
+    if name == "tiny-llama":  # rotary keys are fp32 under autocast: transformers' own cache grows in fp32
+        assert plain_held == {torch.float32}

@@ -92,6 +92,35 @@ def test_bf16_weight_copies_change_nothing_but_speed(name):
         assert n == 0
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
+def test_forward_only_copies_are_prepacked_and_change_no_output(name):
+    """In a forward-only scope (frozen_only=False) calls that record no gradients read weights
+    prepacked for oneDNN where the CPU has it: bitwise the outputs of autocast's casts (Linear
+    with and without bias, GPT-2's Conv1D); calls that do record gradients read the plain copies."""
+    from torch.profiler import profile
+
+    from peftlab.speed import _onednn_packing, bf16_weights
+
+    b, m, _ = adapted(name, "lora")
+    with torch.no_grad():  # biases start at 0: give them values, so that a dropped bias shows
+        for mod in m.modules():
+            if isinstance(getattr(mod, "bias", None), torch.Tensor):
+                mod.bias.normal_()
+    ids = torch.randint(5, 90, (3, 7))
+    mask = torch.ones_like(ids)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.inference_mode(), bf16():
+        ref = m(ids, mask)
+    with bf16_weights([m], "bf16", frozen_only=False) as n:
+        with torch.inference_mode(), bf16(), profile() as prof:
+            out = m(ids, mask)
+        with bf16():
+            recorded = m(ids, mask)
+    packed = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    assert (packed > 0) == _onednn_packing() and n >= 4
+    assert torch.equal(out, ref) and torch.equal(recorded.detach(), ref) and recorded.requires_grad
+
+
 @pytest.mark.parametrize("name,spec", [("tiny-llama", "lora"), ("tiny-gpt2", "last-1")])
 def test_bf16_evaluation_casts_each_weight_once_and_changes_no_logit(name, spec, monkeypatch):
     """predict under bf16 reads one bf16 copy per projection for the whole call (LoRA merged

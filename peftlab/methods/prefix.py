@@ -42,8 +42,8 @@ class Prefix(nn.Module):
         t = t.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # (2L, B, kv, n, d)
         return [(t[2 * i], t[2 * i + 1]) for i in range(self.layers)]
 
-    def cache(self, batch_size: int, config):
-        return prefill(self.key_values(batch_size), config)
+    def cache(self, batch_size: int, config, dtype: torch.dtype | None = None):
+        return prefill(self.key_values(batch_size), config, dtype)
 
     @torch.no_grad()
     def fold(self) -> None:
