@@ -94,5 +94,5 @@ def test_a_bf16_kv_cache_changes_no_logit_under_bf16_autocast(name, spec):
     (fast, held), (plain, plain_held) = runs[torch.bfloat16], runs[None]
     assert held == {torch.bfloat16}
     assert all(torch.equal(a, c) for a, c in zip(fast, plain))
-    if name == "tiny-llama":  # rotary keys are fp32 under autocast: transformers' own cache grows in fp32
-        assert plain_held == {torch.float32}
+    if name == "tiny-llama":  # rotary keys are fp32 under autocast: transformers' own cache grows them in fp32
+        assert torch.float32 in plain_held  # (5.23 stores the values in fp32 too, 5.24 in bf16)
