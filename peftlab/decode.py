@@ -91,11 +91,11 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     stop when every row has. `on_step(tokens)` sees each step's (B,) tokens, for streaming.
     `use_cache=False` recomputes every step from scratch (the reference). `precision` 'bf16' (or
     'auto' where the CPU has bf16 instructions) decodes under bf16 autocast with the weights cast
-    once, not once per token, and the KV cache held in bf16; a single active LoRA adapter runs
+    once (prepacked for oneDNN), not once per token, and the KV cache held in bf16; a single active LoRA adapter runs
     merged into the weights (`lora.inference_weights`).
     """
     kv_dtype = torch.bfloat16 if resolve(precision) == "bf16" else None  # what attention reads under autocast
-    with inference_weights(model, precision, model.arch.lm_head), autocast(precision):
+    with inference_weights(model, precision, model.arch.lm_head, pack=True), autocast(precision):
         return _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_ids, pad_id, use_cache,
                          seed, stop_strings, tokenizer, on_step, kv_dtype)
 

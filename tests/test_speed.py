@@ -93,10 +93,10 @@ def test_bf16_weight_copies_change_nothing_but_speed(name):
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
-def test_forward_only_copies_are_prepacked_and_change_no_output(name):
-    """In a forward-only scope (frozen_only=False) calls that record no gradients read weights
-    prepacked for oneDNN where the CPU has it: bitwise the outputs of autocast's casts (Linear
-    with and without bias, GPT-2's Conv1D); calls that do record gradients read the plain copies."""
+def test_prepacked_copies_change_no_output(name):
+    """With `pack` (decoding) calls that record no gradients read weights prepacked for oneDNN
+    where the CPU has it: bitwise the outputs of autocast's casts (Linear with and without bias,
+    GPT-2's Conv1D); calls that do record gradients read the plain copies."""
     from torch.profiler import profile
 
     from peftlab.speed import _onednn_packing, bf16_weights
@@ -111,7 +111,7 @@ def test_forward_only_copies_are_prepacked_and_change_no_output(name):
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     with torch.inference_mode(), bf16():
         ref = m(ids, mask)
-    with bf16_weights([m], "bf16", frozen_only=False) as n:
+    with bf16_weights([m], "bf16", frozen_only=False, pack=True) as n:
         with torch.inference_mode(), bf16(), profile() as prof:
             out = m(ids, mask)
         with bf16():

@@ -322,10 +322,11 @@ def merged_for_inference(model: nn.Module) -> Iterator[bool]:
 
 
 @contextmanager
-def inference_weights(model: nn.Module, precision: str, *extra: nn.Module) -> Iterator[bool]:
+def inference_weights(model: nn.Module, precision: str, *extra: nn.Module, pack: bool = False) -> Iterator[bool]:
     """The weights of a forward-only pass (evaluation, decoding): a single active LoRA adapter
     merged (`merged_for_inference`), then under bf16 every projection of `model` and `extra` (an LM
-    head outside it) reading a bf16 copy of its weight (`speed.bf16_weights`), made after the
-    merge so it holds it. Yields whether it merged."""
-    with merged_for_inference(model) as merged, bf16_weights([model, *extra], precision, frozen_only=False):
+    head outside it) reading a bf16 copy of its weight (`speed.bf16_weights`; `pack`: prepacked,
+    for decoding), made after the merge so it holds it. Yields whether it merged."""
+    with merged_for_inference(model) as merged, bf16_weights([model, *extra], precision, frozen_only=False,
+                                                             pack=pack):
         yield merged
