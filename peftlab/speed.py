@@ -115,13 +115,13 @@ def _fast_forward(mod: nn.Module, pack: bool) -> Callable[[torch.Tensor], torch.
     own, copies = type(mod).forward, {}
     conv = isinstance(mod, Conv1D)  # GPT-2: x @ W + b, W stored (in, out)
 
-    def copy(kind: str) -> torch.Tensor:
+    def copy(kind: str):  # "plain": the bf16 weight; "packed": (prepacked weight, bf16 bias)
         if kind not in copies:
             with torch.inference_mode(False):  # a normal tensor: a later training step saves it for backward
                 w = mod.weight.detach().to(torch.bfloat16)
                 if kind == "packed":
-                    w = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if conv else w)
-                    copies["bias"] = None if mod.bias is None else mod.bias.detach().to(torch.bfloat16)
+                    w = (torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous() if conv else w),
+                         None if mod.bias is None else mod.bias.detach().to(torch.bfloat16))
                 copies[kind] = w
         return copies[kind]
 
@@ -129,9 +129,9 @@ def _fast_forward(mod: nn.Module, pack: bool) -> Callable[[torch.Tensor], torch.
         if not _bf16_autocast(x):
             return own(mod, x)
         if pack and x.device.type == "cpu" and not torch.is_grad_enabled():
-            w = copy("packed")
+            w, b = copy("packed")
             flat = x.to(torch.bfloat16).reshape(-1, x.shape[-1]).contiguous()
-            out = torch.ops.mkldnn._linear_pointwise(flat, w, copies["bias"], "none", [], "")
+            out = torch.ops.mkldnn._linear_pointwise(flat, w, b, "none", [], "")
             return out.view(*x.shape[:-1], out.shape[-1])
         if conv:
             out = torch.addmm(mod.bias, x.reshape(-1, x.shape[-1]), copy("plain"))

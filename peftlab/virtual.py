@@ -69,18 +69,15 @@ def full_attention_mask(mask: torch.Tensor, n_query: int, config, dtype: torch.d
 class _StoredAs(DynamicLayer):
     """A cache layer that keeps keys and values in one dtype, for decoding under autocast.
 
-    Under bf16 autocast Llama's keys leave the rotary embedding in fp32 and transformers' cache
-    takes the keys' dtype for the values too, so the cache grows in fp32 and autocast casts all
-    of it to bf16 again at every step's attention: at batch 8 that is 10% of a decoding step.
-    Stored rounded to bf16 once, attention reads the values the casts would have made (decoded
-    tokens are the same), from half the memory."""
+    Under bf16 autocast Llama's keys leave the rotary embedding in fp32, so transformers' cache
+    grows them in fp32 (5.23 the values too) and autocast casts all of it to bf16 again at every
+    step's attention: at batch 8 that is up to 10% of a decoding step. Stored rounded to bf16
+    once, attention reads the values the casts would have made (decoded tokens are the same),
+    from half the memory. (`update` casts before the layer's lazy initialization sees them.)"""
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
         self.stored = dtype
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states.to(self.stored), value_states)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return super().update(key_states.to(self.stored), value_states.to(self.stored), *args, **kwargs)
