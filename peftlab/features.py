@@ -46,8 +46,8 @@ def cut_point(model: nn.Module) -> int | None:
     """Where the frozen bottom ends: POOLED, a block index b (blocks[b:] train), or None when
     nothing can be cached (trainable embeddings, virtual tokens, label-word scoring, no gain)."""
     arch = model.arch
-    if getattr(model, "prompt", None) is not None or getattr(model, "prefix", None) is not None:
-        return None
+    if any(getattr(model, part, None) is not None for part in ("prompt", "prefix", "adapters")):
+        return None  # they change the body's computation from outside it (and frozen_digest can't see them)
     if not getattr(model, "reads_features", False):  # label words read token positions, not features
         return None
     block_of = {id(p): i for i, b in enumerate(arch.blocks) for p in b.parameters()}

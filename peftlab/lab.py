@@ -122,11 +122,24 @@ class Experiment:
         return cells
 
 
+def _json_value(text: str) -> int | float | str:
+    """A --where value as the grid wrote it: SQLite compares json_extract's numbers to numbers only."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def same_config(cell: Cell) -> bool:
     """The cell's folder was started with this very config."""
     if not (cell.run_dir / CONFIG).is_file():
         return False
-    return load_json(cell.run_dir / CONFIG) == json.loads(json.dumps(dataclasses.asdict(cell.config), default=str))
+    saved = load_json(cell.run_dir / CONFIG)
+    now = json.loads(json.dumps(dataclasses.asdict(cell.config), default=str))
+    # not the folder's spelling: runs/x and /abs/runs/x, or an experiment moved, hold the same cells
+    return {**saved, "out": None} == {**now, "out": None}
 
 
 def finished(cell: Cell) -> bool:
@@ -187,7 +200,7 @@ def query(exp_dir: str | Path, where: list[str] = (), sort: str | None = None) -
         if col is None and not key.replace("_", "").isalnum():
             raise PeftlabError(f"--where key '{key}' is not a column or a setting name")
         clauses.append(f"{col} = ?" if col else f"json_extract(params, '$.{key}') = ?")
-        args.append(value)
+        args.append(value if col else _json_value(value))
     sql = "SELECT * FROM runs" + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
     if sort:
         col = sort.lstrip("-").replace("metric", "value")

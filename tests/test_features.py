@@ -15,6 +15,7 @@ from tests.conftest import adapted
     ("tiny-llama", "head", POOLED), ("tiny-llama", "last-1", 1), ("tiny-gpt2", "last-block+norm", 1),
     ("tiny-bert", "last-1", 1), ("tiny-llama", "lora", None), ("tiny-llama", "prompt", None),
     ("tiny-llama", "full", None), ("tiny-llama", "first-1", None), ("tiny-gpt2", "bias", None),
+    ("tiny-llama", "adapter", None), ("tiny-bert", "adapter", None),  # hooked onto frozen blocks from outside
 ])
 def test_cut_point_is_where_the_frozen_bottom_ends(name, spec, want):
     _, m, _ = adapted(name, spec)

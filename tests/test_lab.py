@@ -80,8 +80,12 @@ grid: {{method: [head, last-1, bias], seed: [0]}}
     run_experiment(path, tmp_path / "exp", progress=False)
     assert calls == []  # all finished: nothing runs
     assert [r["method"] for r in query(tmp_path / "exp", ["method=bias"])] == ["bias"]
+    assert len(query(tmp_path / "exp", ["seed=0"])) == 3 and query(tmp_path / "exp", ["seed=1"]) == []  # numbers
     best = query(tmp_path / "exp", sort="metric")
     assert [r["value"] for r in best] == sorted((r["value"] for r in best), reverse=True)
+    (tmp_path / "exp").rename(tmp_path / "moved")
+    run_experiment(path, tmp_path / "moved", progress=False)
+    assert calls == []  # a moved experiment keeps its finished cells
 
 
 def test_a_failing_cell_is_recorded_and_the_rest_run(toy_task, tmp_path, capsys):
