@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (RunConfig, TrainArgs, MethodArgs, Sampling):
         add_dataclass_flags(t, cls)
     t.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue an interrupted run from its last "
-                   "checkpoint, with the settings in its config.json (give no other flags but --nproc)")
+                   "checkpoint, with the settings in its config.json (give no other flags but --nproc, and "
+                   "--skip-nonfinite true to go on past a non-finite loss)")
     t.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine: runs the same "
                    "command under torchrun (default: 1); several machines: see the README")
 
@@ -206,10 +207,11 @@ def cmd_train(args) -> None:
     from peftlab.saved import resume_run
 
     cfg = config_from_args(args)
-    if args.resume and cfg != RunConfig():
+    skip = cfg.train.skip_nonfinite  # the one setting a resumed run may change: past a non-finite loss
+    if args.resume and dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, skip_nonfinite=False)) != RunConfig():
         raise PeftlabError(f"--resume continues '{args.resume}' with the settings in its config.json; "
-                           "give no other flags but --nproc")
-    record = resume_run(args.resume) if args.resume else train_run(cfg)
+                           "give no other flags but --nproc and --skip-nonfinite true")
+    record = resume_run(args.resume, skip_nonfinite=skip) if args.resume else train_run(cfg)
     if parallel.is_main():
         print_table([record])
         print(f"run directory: {record['run_dir']}")

@@ -11,8 +11,10 @@ from peftlab.run import CONFIG, METRICS, WEIGHTS, Prepared, evaluate_split, prep
 from peftlab.runconfig import RunConfig
 
 
-def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
-    """Continue an interrupted run from its last checkpoint, with its saved settings."""
+def resume_run(run_dir: str | Path, *, progress: bool = True, skip_nonfinite: bool = False) -> dict:
+    """Continue an interrupted run from its last checkpoint, with its saved settings
+    (`skip_nonfinite`: and from now on skipping batches whose loss or gradient is not finite: a
+    run stopped by one would otherwise replay the same batch into the same loss)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise PeftlabError(f"'{run_dir}' is not a run directory (no {CONFIG}); give the --out of the run to continue")
@@ -20,6 +22,7 @@ def resume_run(run_dir: str | Path, *, progress: bool = True) -> dict:
         raise PeftlabError(f"'{run_dir}' is a finished run; nothing to resume (evaluate it with `peftlab eval`)")
     cfg = RunConfig.from_dict(load_json(run_dir / CONFIG), f"'{run_dir / CONFIG}'")
     cfg.out = str(run_dir)
+    cfg.train.skip_nonfinite = cfg.train.skip_nonfinite or skip_nonfinite
     return train_run(cfg, progress=progress, resume=True)
 
 

@@ -288,7 +288,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
                     if not math.isfinite(value):
                         bad = f"the loss became {value}"
                         break
-                    (loss * scale / args.grad_accum).backward()
+                    (loss * scale / len(group)).backward()  # a short last group weighs as a full one
                     loss_sum, tokens = loss_sum + value, tokens + int(n_tokens)
                 if bad is None:
                     norm = _grad_norm(params, args.max_grad_norm)
@@ -302,9 +302,10 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
                     if not args.skip_nonfinite:
                         pos.seconds = time.perf_counter() - t0
                         checkpoint(rng)
-                        saved = "; the state before that step is saved (--resume continues from it)" if save else ""
-                        raise PeftlabError(f"{bad} {where}{saved}; lower --lr (or --head-lr), keep --max-grad-norm "
-                                           "on, or pass --skip-nonfinite true to skip such batches")
+                        saved = ("; the state before that step is saved: `peftlab train --resume RUN_DIR "
+                                 "--skip-nonfinite true` continues from it, skipping such batches") if save else ""
+                        raise PeftlabError(f"{bad} {where}{saved}; or start again with a lower --lr (or --head-lr), "
+                                           "--max-grad-norm on, or --skip-nonfinite true")
                     pos.skipped += len(group)
                     if parallel.is_main():
                         tqdm.write(f"warning: {bad} {where}; skipped those batches ({pos.skipped} so far)")

@@ -208,7 +208,7 @@ def test_non_finite_loss_saves_then_stops_naming_the_step(tmp_path):
     saved = []
     args = TrainArgs(epochs=1, batch_size=4, bucket=False)
     with pytest.raises(PeftlabError, match=r"the loss became nan at step 3 \(epoch 1, batch 3\); the state "
-                                           r"before that step is saved .* --skip-nonfinite true"):
+                                           r"before that step is saved: .* --skip-nonfinite true"):
         train(model, torch.ones(32).numpy(), batch_loss, lambda: ({"accuracy": 0.0}, 0.0), args, lr=1e-2, seed=0,
               metric="accuracy", progress=False, save=saved.append)
     tensors, state = saved[-1]
@@ -247,3 +247,32 @@ def test_full_disk_and_unwritable_folders_are_refused_up_front(reference, tmp_pa
     blocker.write_text("")
     assert main(["train", *ARGS, "--task", task, "--out", str(blocker / "run")]) == 2  # even root cannot
     assert "cannot write to run directory" in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_a_non_finite_loss_resumes_past_it_with_skip_nonfinite(reference, tmp_path, monkeypatch,
+                                                                               capsys):
+    import peftlab.run
+
+    task, _ = reference
+    out, real = tmp_path / "run", peftlab.run.batch_loss_fn
+    poisoned = []  # the rows of the fifth batch: nan for them in every attempt, as bad data would be
+
+    def batch_loss_fn(p):
+        inner = real(p)
+
+        def loss(idx):
+            if len(poisoned) < 5:
+                poisoned.append(sorted(idx.tolist()))
+            value, n = inner(idx)
+            return (value * float("nan") if poisoned[4:] == [sorted(idx.tolist())] else value), n
+        return loss
+    monkeypatch.setattr(peftlab.run, "batch_loss_fn", batch_loss_fn)
+    args = ["train", "--model", "tiny-llama", "--task", task, "--method", "lora", "--train-limit", "120",
+            "--eval-limit", "40", "--epochs", "1", "--batch-size", "8", "--save-every", "2", "--out", str(out)]
+    assert main(args) == 2
+    assert "--resume RUN_DIR --skip-nonfinite true` continues from it" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--lr", "1e-5"]) == 2  # other settings stay those saved
+    assert "no other flags but --nproc and --skip-nonfinite true" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--skip-nonfinite", "true"]) == 0
+    record = json.loads((out / METRICS).read_text())
+    assert record["skipped_batches"] == 1 and record["resumes"] == 1

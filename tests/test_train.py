@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from peftlab.cli import main
@@ -30,6 +31,31 @@ def test_runs_are_deterministic(toy_task, tmp_path):
         return load_file(str(out / "trainable.safetensors"))
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_averages_each_group_over_its_own_batches():
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from peftlab.train import train
+
+    torch.manual_seed(0)
+    model, x, y = torch.nn.Module(), torch.randn(12, 4), torch.randint(0, 2, (12,))
+    model.head = torch.nn.Linear(4, 2)  # train() gives the head its own learning rate
+    plan = [torch.arange(i, i + 4).numpy() for i in (0, 4, 8)]  # groups of 2: [b0, b1], then b2 alone
+    grads = []
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: grads.append(model.head.weight.grad.clone()))
+    args = TrainArgs(epochs=1, batch_size=4, grad_accum=2, max_grad_norm=0, warmup_ratio=0, head_lr=1e-9,
+                     precision="fp32")
+    try:
+        train(model, torch.ones(12).numpy(), lambda i: (F.cross_entropy(model.head(x[i]), y[i]), len(i)),
+              lambda: ({"accuracy": 0.0}, 0.0), args, lr=1e-9, seed=0, metric="accuracy", progress=False,
+              plan=lambda epoch: plan)
+    finally:
+        hook.remove()
+    model.zero_grad()
+    F.cross_entropy(model.head(x[8:]), y[8:]).backward()
+    assert len(grads) == 2
+    torch.testing.assert_close(grads[1], model.head.weight.grad, rtol=1e-4, atol=1e-6)  # the short group: not halved
 
 
 def test_schedule_warms_up_then_decays():
