@@ -23,15 +23,16 @@ class Family:
     ffn: str  # the first module of the feed-forward sublayer
     ffn_out: str  # the feed-forward output projection
     keys_values: tuple[str, ...]  # projections making keys and values (IA3 rescales them)
+    learned_positions: bool = False  # a table of max_position_embeddings positions: no position past it
 
 
 _DECODER = Family("layers", "norm", True, "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj",
                   ("k_proj", "v_proj"))
 _BERT = Family("encoder.layer", None, False, "attention", "attention.output.dense", "intermediate",
-               "output.dense", ("key", "value"))
+               "output.dense", ("key", "value"), True)
 FAMILIES: dict[str, Family] = {
     **{t: _DECODER for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "smollm3")},
-    "gpt2": Family("h", "ln_f", True, "attn", "attn.c_proj", "mlp", "mlp.c_proj", ("c_attn",)),
+    "gpt2": Family("h", "ln_f", True, "attn", "attn.c_proj", "mlp", "mlp.c_proj", ("c_attn",), True),
     **{t: _BERT for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
 }
 

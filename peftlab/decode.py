@@ -9,6 +9,7 @@ Works with every method: virtual tokens (soft prompts, prefixes) go into the fir
 stay in the cache; positions and masks come from `virtual.body_inputs`.
 """
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from peftlab import parallel
+from peftlab.errors import PeftlabError
 from peftlab.methods.lora import inference_weights
 from peftlab.speed import autocast, resolve
 from peftlab.virtual import body_inputs
@@ -32,8 +34,6 @@ class Sampling:
                                                                       "sequence (CTRL-style)"})
 
     def __post_init__(self) -> None:
-        from peftlab.errors import PeftlabError
-
         for ok, msg in ((self.temperature >= 0, "--temperature must be >= 0 (0 is greedy)"),
                         (self.top_k >= 0, "--top-k must be >= 0 (0 keeps all tokens)"),
                         (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
@@ -94,10 +94,26 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     once (prepacked for oneDNN), not once per token, and the KV cache held in bf16; a single active LoRA adapter runs
     merged into the weights (`lora.inference_weights`).
     """
+    max_new_tokens = min(max_new_tokens, _room(model, attention_mask))
     kv_dtype = torch.bfloat16 if resolve(precision) == "bf16" else None  # what attention reads under autocast
     with inference_weights(model, precision, model.arch.lm_head, pack=True), autocast(precision):
         return _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_ids, pad_id, use_cache,
                          seed, stop_strings, tokenizer, on_step, kv_dtype)
+
+
+def _room(model: nn.Module, attention_mask: torch.Tensor) -> int:
+    """New tokens that fit the model's positions after the longest prompt (virtual tokens count):
+    unbounded for rotary models, the rest of the table for learned ones (GPT-2 would index past it)."""
+    arch = model.arch
+    if not arch.family.learned_positions:
+        return sys.maxsize
+    virtual = sum(getattr(getattr(model, part, None), "n", 0) for part in ("prompt", "prefix"))
+    context = arch.body.config.max_position_embeddings
+    used = max(parallel.gather_objects(int(attention_mask.sum(1).max()) + virtual))  # one length for all processes
+    if used >= context:
+        raise PeftlabError(f"a prompt takes {used} of {arch.model_type}'s {context} positions, leaving none to "
+                           f"generate into; shorten it (--max-length {context - virtual - 1} or less)")
+    return context - used
 
 
 def _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_ids, pad_id, use_cache, seed,

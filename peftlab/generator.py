@@ -33,7 +33,10 @@ class Generator:
                  precision: str = "auto") -> list[str]:
         """Continue each prompt; with `stream`, write one prompt's text there as it is decoded
         (`precision`: see `decode.generate`)."""
-        pairs, n = self.frame(prompts), max_new_tokens or self.max_new_tokens
+        n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if n < 1:
+            raise PeftlabError(f"--max-new-tokens must be at least 1, got {n}")
+        pairs = self.frame(prompts)
         stops = self.stop_strings if stop_strings is None else stop_strings
         if stream is None:
             return complete(self.model, self.tokenizer, pairs, max_new_tokens=n, sampling=sampling,

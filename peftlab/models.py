@@ -150,10 +150,14 @@ def _from_pretrained(name: str, trust_remote_code: bool) -> tuple[PreTrainedMode
 def _from_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     # dequantize=True gives plain fp32 weights, which save_pretrained accepts.
     kw = {"gguf_file": path.name}
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kw
-    )
-    return model, AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kw
+        )
+        return model, AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    except (ValueError, KeyError, OSError) as e:  # not a GGUF file, or one transformers can't read
+        raise PeftlabError(f"'{path}' could not be read as a GGUF model ({str(e).splitlines()[0]}); give a "
+                           "llama-family .gguf file, or a model directory or Hub name") from None
 
 
 def _package_dir(package: str) -> Path:

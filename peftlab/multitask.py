@@ -36,6 +36,17 @@ class MultiTask:
     tasks: list[Task]
     metric: str = "combined"
 
+    def __post_init__(self) -> None:  # a task's name keys its head, prompt, adapter and metrics
+        names = [t.name for t in self.tasks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise PeftlabError(f"--task names '{twice[0]}' twice (tasks are named by their file or folder name); "
+                               "give each task a distinct name, e.g. rename a folder")
+        dotted = [n for n in names if "." in n]
+        if dotted:
+            raise PeftlabError(f"task name '{dotted[0]}' contains '.', which a multi-task model cannot key a head "
+                               "by; rename the file or folder without dots")
+
     @property
     def name(self) -> str:
         return "+".join(t.name for t in self.tasks)

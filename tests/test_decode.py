@@ -63,6 +63,20 @@ def test_greedy_equals_transformers_generate(name):
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("spec", [None, "prompt"])
+def test_decoding_stops_where_learned_positions_run_out(spec):
+    from peftlab.errors import PeftlabError
+
+    b, m = lm("tiny-gpt2", spec)  # 512 positions; the prompt tuning's 3 virtual tokens take 3 of them
+    virtual = 3 if spec else 0
+    ids = torch.randint(100, 1000, (2, 505 - virtual))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a shorter, left-padded row: the longest decides
+    assert generate(m, ids, mask, 20).shape == (2, 7)  # 505 + 7 = 512 positions, not an IndexError
+    with pytest.raises(PeftlabError, match=f"a prompt takes 512 of gpt2's 512 positions.*--max-length {511 - virtual}"):
+        generate(m, torch.randint(100, 1000, (1, 512 - virtual)), torch.ones(1, 512 - virtual, dtype=torch.long), 5)
+
+
 def test_rows_stop_at_stop_ids():
     b, m = lm("tiny-llama")
     batch = b.tokenizer(PROMPTS, padding=True, return_tensors="pt")

@@ -66,6 +66,17 @@ def test_too_many_blocks(spec):
         names_for(classifier("tiny-gpt2"), spec)
 
 
+@pytest.mark.parametrize("spec", ["lora+ia3", "ia3+lora"])
+def test_lora_and_ia3_share_no_projection(spec):
+    from tests.conftest import adapted
+
+    with pytest.raises(PeftlabError, match="v_proj' is already adapted by another method"):
+        adapted("tiny-llama", spec)  # both take v_proj by default: one wrapper per projection
+    _, m, method = adapted("tiny-llama", spec, lora_targets="q_proj")
+    names = trainable_names(m, method)
+    assert any("q_proj.lora_A" in n for n in names) and any("v_proj.ia3_l" in n for n in names)
+
+
 @pytest.mark.parametrize("spec", ["lora-ish", "last", "last-0", "everything"])
 def test_unknown_method_lists_valid_specs(spec):
     with pytest.raises(PeftlabError, match="method|N must"):

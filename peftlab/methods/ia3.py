@@ -68,6 +68,10 @@ class IA3:
                 module = block.get_submodule(name)
                 if isinstance(module, IA3Layer):
                     raise PeftlabError("the model already has IA3 scalings; a spec may hold one ia3")
+                if not isinstance(module, (nn.Linear, Conv1D)):  # e.g. a LoraLayer: one wrapper per projection
+                    raise PeftlabError(f"ia3 scales {', '.join([*fam.keys_values, fam.ffn_out.rsplit('.', 1)[-1]])}, "
+                                       f"but '{name}' is already adapted by another method (lora?); give that "
+                                       "method other targets (e.g. --lora-targets q_proj) or drop one")
                 parent, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child, IA3Layer(module, ff))
                 hits += 1

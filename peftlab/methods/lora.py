@@ -192,6 +192,12 @@ class Lora:
             raise PeftlabError(f"--lora-r must be at least 1, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise PeftlabError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        for t in parse_targets(self.targets):  # fail before any loading
+            try:
+                re.compile(t.pattern)
+            except re.error as e:
+                raise PeftlabError(f"--lora-targets '{t.pattern}' is neither a module name nor a valid regular "
+                                   f"expression ({e}); e.g. q_proj,v_proj or '.*_proj'") from None
 
     @property
     def name(self) -> str:
@@ -206,9 +212,13 @@ class Lora:
                   and not any(n.startswith(w + ".") for w in wrapped)]
         hits = 0
         for name, module in linear:
-            hit = next((t for t in targets if t.pattern == "all-linear" or _matches(name, t.pattern)), None)
+            outer = name.removesuffix(".base_layer")  # the projection's own name when another wrapper holds it
+            hit = next((t for t in targets if t.pattern == "all-linear" or _matches(outer, t.pattern)), None)
             if hit is None:
                 continue
+            if outer != name:  # ia3 wrapped it (LoraLayers' own base layers are not candidates)
+                raise PeftlabError(f"'{outer}' is already adapted by another method (ia3?); give lora other "
+                                   f"targets than '{outer.rsplit('.', 1)[-1]}' (--lora-targets) or drop one")
             layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
             if self.adapter in layer.lora_A:
                 raise PeftlabError(f"adapter '{self.adapter}' already exists on {name}; pick another name")
