@@ -70,8 +70,8 @@ def encode(texts: list[str], labels, tokenizer: PreTrainedTokenizerBase, max_len
                       f"truncated; raise --max-length to keep them whole")
         keep_end = tokenizer.truncation_side == "left"
         for i in long:
-            if template == "{text}":
-                ids[i] = ids[i][-max_length:] if keep_end else ids[i][:max_length]
+            if template == "{text}":  # the tokenizer's own cut keeps special tokens ([CLS] ... [SEP])
+                ids[i] = tokenizer(texts[i], truncation=True, max_length=max_length)["input_ids"]
             else:
                 ids[i] = fit_template(template, texts[i], tokenizer, max_length, keep_end)
     return Encoded(ids, np.asarray(labels, dtype=np.int64), truncated=len(long))

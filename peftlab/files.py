@@ -22,9 +22,6 @@ from peftlab.errors import PeftlabError, did_you_mean, first_line
 SPLITS = ("train", "validation", "test")
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
-# Files are parsed here, not by `datasets.load_dataset`: its errors say "An error occurred while
-# generating the dataset" without the line, it logs to stderr, and it caches every file it reads.
-
 ID_COLUMNS = ("id", "idx")  # a column of row ids: duplicates mean a row was copied by mistake
 
 

@@ -53,7 +53,8 @@ def group(rows: list[dict]) -> list[dict]:
         values = np.array([r["value"] for r in rs]) * _scale(rs[0]["metric"])
         out.append({
             "settings": json.loads(key), "label": _label(json.loads(rs[0]["params"])), "runs": [r["id"] for r in rs],
-            "metric": rs[0]["metric"], "mean": float(values.mean()), "std": float(values.std()), "n": len(rs),
+            "metric": rs[0]["metric"], "mean": float(values.mean()), "n": len(rs),
+            "std": float(values.std(ddof=1)) if len(rs) > 1 else 0.0,  # over seeds: the sample std, as ICL's
             "trainable_params": rs[0]["trainable_params"], "trainable_pct": rs[0]["trainable_pct"],
             "peak_memory_mb": float(np.mean([r["peak_memory_mb"] for r in rs])),
             "s_per_epoch": float(np.mean([r["s_per_epoch"] for r in rs])),

@@ -106,7 +106,8 @@ def make_optimizer(model: nn.Module, lr: float, head_lr: float, weight_decay: fl
     # decay matrices only: biases and norm gains are not regularised (as in GPT-2 / nanoGPT)
     groups = [{"params": [p for p in body if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
               {"params": [p for p in body if p.dim() < 2], "weight_decay": 0.0, "lr": lr},
-              {"params": heads, "weight_decay": weight_decay, "lr": head_lr}]
+              {"params": [p for p in heads if p.dim() >= 2], "weight_decay": weight_decay, "lr": head_lr},
+              {"params": [p for p in heads if p.dim() < 2], "weight_decay": 0.0, "lr": head_lr}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
@@ -204,6 +205,9 @@ def restore_state(model: nn.Module, opt: torch.optim.Optimizer, sched, ckpt: Che
     if saved != set(params):
         raise PeftlabError(f"the checkpoint trains {len(saved)} tensors, this run {len(params)}: it belongs to "
                            "another model or method; start the run again without --resume")
+    if [len(g["params"]) for g in state["param_groups"]] != [len(g["params"]) for g in opt.param_groups]:
+        raise PeftlabError("the checkpoint's optimizer groups its tensors otherwise (an earlier peftlab wrote it); "
+                           "start the run again without --resume")
     parallel.load_state(model, {n: tensors[f"param.{n}"] for n in params})
     order = [p for g in opt.param_groups for p in g["params"]]  # the optimizer's own numbering
     opt_state: dict[int, dict] = {}

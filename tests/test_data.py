@@ -113,3 +113,10 @@ def test_truncation_keeps_the_end_for_causal_models():
         enc = encode(["one two three four five six seven", "hi"], [0, 1], tok, max_length=4)
     full = tok("one two three four five six seven")["input_ids"]
     assert enc.input_ids[0] == full[-4:] and enc.truncated == 1
+
+
+def test_truncation_keeps_an_encoders_special_tokens():
+    tok = load_backbone("tiny-bert").tokenizer
+    with pytest.warns(UserWarning, match="1 of 1 data texts"):
+        enc = encode(["one two three four five six seven"], [0], tok, max_length=6)
+    assert tok.convert_ids_to_tokens(enc.input_ids[0]) == ["[CLS]", "one", "two", "three", "four", "[SEP]"]

@@ -176,3 +176,15 @@ grid:
 
     md, page = write_report(tmp_path / "exp")
     assert "icl, shots=2" in md.read_text()
+
+
+def test_report_rows_are_mean_and_sample_std_over_seeds():
+    from peftlab.report import group
+
+    def row(seed: int, value: float) -> dict:
+        return {"id": f"r{seed}", "model": "m", "task": "t", "params": json.dumps({"method": "lora", "seed": seed}),
+                "metric": "accuracy", "value": value, "trainable_params": 1, "trainable_pct": 0.1,
+                "peak_memory_mb": 1.0, "s_per_epoch": 1.0, "tokens_per_s": 1.0, "adapter_bytes": 1, "record": "{}"}
+    (g,) = group([row(0, 0.8), row(1, 0.9), row(2, 0.7)])
+    assert g["n"] == 3 and g["mean"] == pytest.approx(80.0) and g["std"] == pytest.approx(10.0)  # n-1: 10, not 8.2
+    assert group([row(0, 0.8)])[0]["std"] == 0.0

@@ -66,6 +66,17 @@ def test_too_many_blocks(spec):
         names_for(classifier("tiny-gpt2"), spec)
 
 
+@pytest.mark.parametrize("spec,table", [("prompt", "prompt.embedding.weight"), ("prefix", "prefix.embedding.weight")])
+def test_prompt_and_prefix_inits_follow_the_run_seed(spec, table):
+    def init(seed: int) -> torch.Tensor:
+        b = load_backbone("tiny-llama")
+        torch.manual_seed(seed)  # as prepare() seeds a run
+        m = Classifier(b.arch, 2, tokenizer=b.tokenizer)
+        parse_method(spec).apply(m)
+        return m.get_parameter(table).detach().clone()
+    assert torch.equal(init(0), init(0)) and not torch.equal(init(0), init(1))
+
+
 @pytest.mark.parametrize("spec", ["lora+ia3", "ia3+lora"])
 def test_lora_and_ia3_share_no_projection(spec):
     from tests.conftest import adapted

@@ -112,7 +112,7 @@ class PrefixTuning:
         model.prefix = Prefix(self.n, layers, kv, d, self.projection)
         if self.init == "tokens" and not self.projection and model.arch.causal:
             with torch.no_grad():
-                model.prefix.embedding.weight.copy_(real_token_key_values(model, self.n))
+                model.prefix.embedding.weight.copy_(real_token_key_values(model, self.n, torch.initial_seed()))
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
         return list(model.prefix.parameters())

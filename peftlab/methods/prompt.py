@@ -81,7 +81,8 @@ class PromptTuning:
         check_room(self.n, model.arch.body.config)
         if self.init == "text" and model.tokenizer is None:
             raise PeftlabError("--prompt-init text needs the model's tokenizer; build the model from a backbone")
-        init = init_vectors(self.n, model.arch.embeddings, self.init, self.text, model.tokenizer)
+        # the run's seed (prepare seeds torch with it): seeds draw different vocabulary tokens
+        init = init_vectors(self.n, model.arch.embeddings, self.init, self.text, model.tokenizer, torch.initial_seed())
         model.prompt = SoftPrompt(self.n, init.to(model.arch.embeddings.weight))
 
     def trainable(self, model: nn.Module) -> list[nn.Parameter]:
