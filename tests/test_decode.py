@@ -15,10 +15,10 @@ def lm(name: str, spec: str | None = None):
     m = Classifier(b.arch, 2, tokenizer=b.tokenizer).eval()  # the head is unused when generating
     if spec:
         parse_method(spec, MethodArgs(virtual_tokens=3)).apply(m)
-        with torch.no_grad():  # trained-looking virtual tokens, not their init
+        with torch.no_grad():  # trained-looking virtual tokens and LoRA, not their init (B = 0: a no-op)
             for n, p in m.named_parameters():
-                if n.startswith(("prompt.", "prefix.")):
-                    p.copy_(torch.randn_like(p))
+                if n.startswith(("prompt.", "prefix.")) or "lora_B" in n:
+                    p.copy_(torch.randn_like(p) * (0.3 if "lora_B" in n else 1))
     return b, m
 
 
@@ -49,6 +49,14 @@ def test_cached_decoding_equals_uncached(name, spec):
     batch = b.tokenizer(PROMPTS, padding=True, return_tensors="pt")
     args = (m, batch["input_ids"], batch["attention_mask"], 12)
     assert torch.equal(generate(*args, use_cache=True), generate(*args, use_cache=False))
+
+
+def test_an_adapter_changes_what_is_decoded():
+    b, plain = lm("tiny-llama")
+    _, adapted = lm("tiny-llama", "lora")
+    batch = b.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    assert not torch.equal(generate(plain, batch["input_ids"], batch["attention_mask"], 8),
+                           generate(adapted, batch["input_ids"], batch["attention_mask"], 8))
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])

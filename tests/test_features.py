@@ -63,6 +63,9 @@ def test_the_cache_is_keyed_by_model_data_and_pooling(toy_task, feature_cache_in
     tok, enc, point = p.backbone.tokenizer, p.data["test"], POOLED
     key = cache_key(p.model, enc, tok, point)
     assert cache_key(p.model, enc, tok, point) == key  # deterministic
+    p.model.bidirectional = True  # the same model read without its causal mask: other features
+    assert cache_key(p.model, enc, tok, point) != key
+    p.model.bidirectional = False
     # bf16 features are keyed apart; fp32 keys are those of versions before the precision existed
     assert cache_key(p.model, enc, tok, point, precision="bf16") != key == cache_key(p.model, enc, tok, point,
                                                                                       precision="fp32")

@@ -38,6 +38,17 @@ def test_exactly_the_target_and_eos_carry_loss(name):
         assert real == prompt + want
 
 
+def test_chat_frames_the_input_with_the_models_template_once():
+    tok = load_backbone("tiny-llama").tokenizer  # SmolLM2's tokenizer and chat template
+    pairs = encode_pairs(["hi"], ["yes"], tok, "Q: {text}", 64, chat=True)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Q: hi"}], add_generation_prompt=True, tokenize=False)
+    assert chat.rstrip().endswith("assistant")  # the assistant's turn is opened
+    want = tok(chat, add_special_tokens=False)["input_ids"]
+    assert pairs.input_ids[0][:pairs.prompt_len[0]] == want  # framed once, no extra special tokens
+    assert pairs.input_ids[0][pairs.prompt_len[0]:] == tok(" yes", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id]
+
+
 def test_long_inputs_are_shortened_keeping_template_and_target():
     tok = load_backbone("tiny-llama").tokenizer
     pairs = encode_pairs(["word " * 200], ["the end"], tok, TEMPLATE, max_length=32)

@@ -117,6 +117,16 @@ def test_several_adapters_mixed_batch_and_delete():
         set_active(m, "other")
 
 
+def test_fused_qkv_parts_adapt_exactly_their_thirds():
+    m, _ = setup("tiny-gpt2")  # the default c_attn:q,v: GPT-2's fused q|k|v, 64 outputs each
+    randomize_b(m)
+    layers = lora_layers(m)
+    assert len(layers) == 2 and all(layer.base_layer.weight.shape == (64, 192) for layer in layers)
+    for layer in layers:
+        d = layer.delta_weight("default").T  # (out, in)
+        assert d[:64].abs().sum() > 0 and d[128:].abs().sum() > 0 and not d[64:128].any()
+
+
 def test_bad_targets_and_rank():
     with pytest.raises(PeftlabError, match="matched no projection.*q_proj"):
         setup("tiny-llama", targets="nothing_here")
@@ -127,11 +137,12 @@ def test_bad_targets_and_rank():
 @pytest.mark.parametrize("name,targets,peft_kw", [
     ("tiny-llama", "q_proj,v_proj", {"target_modules": ["q_proj", "v_proj"]}),
     ("tiny-gpt2", "c_attn,c_proj", {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}),
+    ("tiny-llama", "q_proj,v_proj", {"target_modules": ["q_proj", "v_proj"], "use_rslora": True}),  # alpha/sqrt(r)
 ])
 def test_same_logits_as_hf_peft(name, targets, peft_kw):
     from peft import LoraConfig, get_peft_model
 
-    m, _ = setup(name, targets=targets, r=4, alpha=8)
+    m, _ = setup(name, targets=targets, r=4, alpha=8, rslora=peft_kw.get("use_rslora", False))
     reference = copy.deepcopy(load_backbone(name).arch.body)
     randomize_b(m)
     ref = get_peft_model(reference, LoraConfig(r=4, lora_alpha=8, **peft_kw)).eval()

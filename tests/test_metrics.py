@@ -7,6 +7,7 @@ from peftlab.metrics import classification_metrics, generation_metrics, normaliz
 def test_classification_metrics():
     m = classification_metrics(np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0]))
     assert m["accuracy"] == 0.75 and m["mcc"] == pytest.approx(0.5773, abs=1e-4)
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)  # per-class F1 0.8 and 0.667: macro, not micro
 
 
 def test_squad_normalisation_exact_match_and_f1():

@@ -64,9 +64,13 @@ def test_bf16_weight_copies_change_nothing_but_speed(name):
     from peftlab.speed import bf16_weights, casts_once
 
     b, m, _ = adapted(name, "lora")
+    with torch.no_grad():  # B away from its zero init, or A's gradients are zeros on both sides
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
     ids = torch.randint(5, 90, (3, 7))
     mask = torch.ones_like(ids)
-    lora = [p for n, p in m.named_parameters() if p.requires_grad and "lora_A" in n]
+    lora = [p for p in m.parameters() if p.requires_grad]  # A, B and the head
 
     def step():
         m.zero_grad()
@@ -76,6 +80,7 @@ def test_bf16_weight_copies_change_nothing_but_speed(name):
         return out.detach(), [p.grad.clone() for p in lora]
 
     ref_out, ref_grads = step()
+    assert all(g.abs().sum() > 0 for g in ref_grads)  # the gradients flowed through the frozen layers
     ref_fp32 = m(ids, mask).detach()
     with bf16_weights([m], "bf16") as n:
         frozen = [mod for mod in m.modules() if casts_once(mod)]
@@ -129,6 +134,10 @@ def test_bf16_evaluation_casts_each_weight_once_and_changes_no_logit(name, spec,
     from peftlab.speed import casts_once
 
     b, m, _ = adapted(name, spec)
+    with torch.no_grad():  # a trained-looking adapter: merging it must change the weights
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
     enc = encode([f"apple river {'stone ' * n}" for n in range(24)], [n % 2 for n in range(24)], b.tokenizer, 64, "test")
     fn = logits_fn(m, enc, b.tokenizer.pad_token_id, b.tokenizer.padding_side)
     swapped = []
@@ -178,8 +187,11 @@ def test_a_generators_validation_loss_runs_lora_merged_and_follows_the_precision
     unmerged = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id)
     monkeypatch.undo()
     bf16 = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id, precision="bf16")
+    with lora_module.disabled(m):
+        base = validation_loss(m, pairs, 4, b.tokenizer.pad_token_id)
     assert merged == [True] and plain == pytest.approx(unmerged, rel=1e-5)  # merged meanwhile: same loss
-    assert bf16 != plain and bf16 == pytest.approx(plain, rel=2e-2)  # bf16 ran, and close
+    # bf16 ran, and kept the adapter: its rounding is far below what the adapter changes
+    assert bf16 != plain and abs(bf16 - plain) < 0.1 * abs(plain - base)
     assert not any(layer.merged for layer in lora_layers(m))
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -56,12 +57,16 @@ def test_gradient_accumulation_averages_each_group_over_its_own_batches():
     F.cross_entropy(model.head(x[8:]), y[8:]).backward()
     assert len(grads) == 2
     torch.testing.assert_close(grads[1], model.head.weight.grad, rtol=1e-4, atol=1e-6)  # the short group: not halved
+    model.zero_grad()
+    F.cross_entropy(model.head(x[:8]), y[:8]).backward()  # a full group: the mean over its two batches
+    torch.testing.assert_close(grads[0], model.head.weight.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_schedule_warms_up_then_decays():
     f = lr_lambda("linear", warmup=2, total=10)
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
-    assert lr_lambda("cosine", 0, 10)(5) == pytest.approx(0.5)
+    assert lr_lambda("cosine", 0, 10)(2) == pytest.approx(0.5 * (1 + math.cos(0.2 * math.pi)))  # 0.905; linear: 0.8
+    assert lr_lambda("constant", 2, 10)(7) == 1.0
 
 
 def test_cli_train_eval_and_compare(toy_task, tmp_path, capsys):
