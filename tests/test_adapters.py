@@ -107,6 +107,35 @@ def test_ia3_same_logits_as_hf_peft(name, targets):
     torch.testing.assert_close(a, r, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("placement", ["parallel", "pfeiffer"])
+def test_an_adapter_adds_its_scaled_bottleneck_of_the_right_input(placement):
+    _, m, _ = setup("tiny-llama", "adapter", adapter=placement, adapter_scaling=2.0)
+    torch.manual_seed(1)
+    with torch.no_grad():  # up away from its zero init
+        for p in m.adapters.parameters():
+            p.normal_(std=0.2)
+    mlp, ad = m.arch.blocks[0].mlp, m.adapters[0].adapters["ffn"]
+    seen = {}
+    hooks = [mlp.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0])),
+             mlp.register_forward_hook(lambda mod, args, out: seen.update(y=out))]
+    ids = torch.randint(10, 1000, (2, 5))
+    with torch.no_grad():
+        m(ids, torch.ones_like(ids))
+        for h in hooks:
+            h.remove()
+        x, y = seen["x"], seen["y"]
+        up = [p.clone() for p in ad.up.parameters()]
+        for p in ad.up.parameters():
+            p.zero_()
+        base = mlp(x)  # the sublayer alone
+        for p, q in zip(ad.up.parameters(), up):
+            p.copy_(q)
+        source = x if placement == "parallel" else base  # parallel reads the input, serial the output
+        want = base + 2.0 * ad.up(torch.relu(ad.down(source)))
+    assert (y - base).abs().max() > 1e-3
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_adapter_options():
     with pytest.raises(PeftlabError, match="--adapter 'sideways' is unknown; valid: houlsby, pfeiffer, parallel"):
         parse_method("adapter", MethodArgs(adapter="sideways"))

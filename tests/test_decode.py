@@ -85,6 +85,19 @@ def test_decoding_stops_where_learned_positions_run_out(spec):
         generate(m, torch.randint(100, 1000, (1, 512 - virtual)), torch.ones(1, 512 - virtual, dtype=torch.long), 5)
 
 
+def test_repetition_penalty_equals_transformers_and_near_zero_temperature_is_greedy():
+    b, m = lm("tiny-llama")
+    batch = b.tokenizer(PROMPTS[:1], return_tensors="pt")
+    args = (m, batch["input_ids"], batch["attention_mask"], 12)
+    ours = generate(*args, Sampling(temperature=0, repetition_penalty=1.5))
+    theirs = b.model.generate(**batch, max_new_tokens=12, do_sample=False, repetition_penalty=1.5,
+                              eos_token_id=None, pad_token_id=b.tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(ours, theirs) and not torch.equal(ours, generate(*args))  # the penalty changed tokens
+    greedy = generate(*args)
+    for s in (Sampling(temperature=1e-4), Sampling(temperature=1.0, top_k=1), Sampling(temperature=1.0, top_p=1e-6)):
+        assert torch.equal(generate(*args, s, seed=3), greedy), s
+
+
 def test_rows_stop_at_stop_ids():
     b, m = lm("tiny-llama")
     batch = b.tokenizer(PROMPTS, padding=True, return_tensors="pt")

@@ -62,6 +62,17 @@ def test_gradient_accumulation_averages_each_group_over_its_own_batches():
     torch.testing.assert_close(grads[0], model.head.weight.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_train_per_class_takes_k_seeded_rows_of_each_label(toy_task):
+    from peftlab.run import prepare
+
+    def rows(seed: int) -> list[list[int]]:
+        p = prepare(RunConfig(model="tiny-gpt2", task=toy_task, method="head", train_per_class=3, seed=seed))
+        labels = p.data["train"].labels
+        assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+        return p.data["train"].input_ids
+    assert rows(0) == rows(0) and rows(0) != rows(1)
+
+
 def test_schedule_warms_up_then_decays():
     f = lr_lambda("linear", warmup=2, total=10)
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
@@ -79,6 +90,8 @@ def test_cli_train_eval_and_compare(toy_task, tmp_path, capsys):
             "peak_memory_mb"} <= set(metrics)
     assert main(["eval", str(out)]) == 0
     assert "accuracy" in capsys.readouterr().out
+    assert main(["eval", str(out), "--split", "validation"]) == 0  # one epoch: the best epoch's validation
+    assert capsys.readouterr().out.startswith(f"validation (100 rows): accuracy {metrics['validation']['accuracy']:.4f}")
     assert main(["compare", "--model", "tiny-gpt2", "--task", toy_task, "--methods", "head,last-1",
                  "--epochs", "1", "--out", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out
