@@ -20,7 +20,7 @@ from peftlab import parallel
 from peftlab.errors import PeftlabError
 from peftlab.methods.lora import inference_weights
 from peftlab.speed import autocast, resolve
-from peftlab.virtual import body_inputs
+from peftlab.virtual import body_inputs, output_cache
 
 
 @dataclass
@@ -49,7 +49,7 @@ def next_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, past=No
     kw, full_mask, _ = body_inputs(model, ids, mask, past=past, use_cache=use_cache, kv_dtype=kv_dtype)
     out = model.arch.body(**kw)
     logits = model.arch.lm_head(out.last_hidden_state[:, -1])
-    return logits.float(), (out.past_key_values if use_cache else None), full_mask
+    return logits.float(), (output_cache(out) if use_cache else None), full_mask
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

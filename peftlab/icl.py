@@ -70,6 +70,11 @@ def parse_shots(text: str) -> list[int]:
     return shots
 
 
+def draw(n: int, k: int, seed: int) -> np.ndarray:
+    """k support rows of n: the first k of a seeded permutation (a smaller k takes a prefix)."""
+    return np.random.RandomState(seed).permutation(n)[:k]
+
+
 def support_blocks(task: Task, train_ds: Dataset, k: int, seed: int) -> list[str]:
     """k training examples, each framed by the task's template and followed by its label word.
 
@@ -79,8 +84,7 @@ def support_blocks(task: Task, train_ds: Dataset, k: int, seed: int) -> list[str
     _check_k(k, len(train_ds))
     if seed < 0:
         raise PeftlabError(f"--seed must be >= 0, got {seed}")
-    order = np.random.RandomState(seed).permutation(len(train_ds))[:k]
-    rows = [train_ds[int(i)] for i in order]
+    rows = [train_ds[int(i)] for i in draw(len(train_ds), k, seed)]
     # one leading space, as LabelWords scores " " + word after the prompt
     return [fill(task.template, r["text"]) + " " + task.words[r["label"]].strip() for r in rows]
 
@@ -214,7 +218,7 @@ def icl_generate(backbone: Backbone, task: GenTask, shots: list[int], repeats: i
     draws: dict[int, list[Draw]] = {k: [] for k in shots}
     for k, r in tqdm(cells, desc=f"icl {task.name}", unit="draw", disable=None if progress else True):
         t0 = time.perf_counter()
-        order = np.random.RandomState(seed + r).permutation(len(train_ds))[:k]  # as support_blocks
+        order = draw(len(train_ds), k, seed + r)
         support = "".join(fill(task.template, train_ds[int(i)]["text"]) + " " + train_ds[int(i)]["target"] + SEP
                           for i in order)
         # the support joins the template: an over-long prompt shortens the query's input, never the frame

@@ -37,7 +37,7 @@ from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join
     plan_batches
 from peftlab.runconfig import RunConfig
 from peftlab.speed import tune_allocator
-from peftlab.train import TensorBoard, evaluate, logits_fn, predict, train
+from peftlab.train import TensorBoard, evaluate, logits_fn, train
 
 CONFIG, METRICS, WEIGHTS = "config.json", "metrics.json", "trainable.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
@@ -198,13 +198,10 @@ def evaluate_split(p: Prepared, cfg: RunConfig, split: str, progress: bool = Fal
         return evaluate_generation(p.model, tok, p.data[split], max_new_tokens=cfg.max_new_tokens or p.task.max_new_tokens,
                                    batch_size=min(cfg.train.eval_batch_size, 16), sampling=cfg.decoding, seed=cfg.seed,
                                    progress=progress, with_loss=with_loss, precision=cfg.train.precision)
-    enc, cache = p.data[split], p.caches.get(split)
-    if p.multi:
-        logits, loss = predict(p.model, enc, logits_fn(p.model, enc, tok.pad_token_id, tok.padding_side, cache),
-                               cfg.train.eval_batch_size, precision=cfg.train.precision)
-        return multi_metrics(logits, enc, p.task.tasks), loss, None
-    metrics, loss = evaluate(p.model, enc, cfg.train.eval_batch_size, tok.pad_token_id, tok.padding_side, cache,
-                             cfg.train.precision)
+    enc = p.data[split]
+    score = (lambda logits: multi_metrics(logits, enc, p.task.tasks)) if p.multi else None
+    metrics, loss = evaluate(p.model, enc, cfg.train.eval_batch_size, tok.pad_token_id, tok.padding_side,
+                             p.caches.get(split), cfg.train.precision, score)
     return metrics, loss, None
 
 

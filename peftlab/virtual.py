@@ -11,6 +11,9 @@ of the transformer body, with masks and positions right under left or right padd
                 the positions it would alone
 """
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -30,10 +33,11 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     no `past`): the new cache keeps keys and values in that dtype (`prefill`).
     """
     arch, prompt, prefix = model.arch, getattr(model, "prompt", None), getattr(model, "prefix", None)
+    cache = cache_arg(arch.body)
     kw: dict = {"use_cache": use_cache}
     mask, pool_mask, n_new = attention_mask, attention_mask, input_ids.shape[1]
     if past is not None:
-        kw["past_key_values"] = past
+        kw[cache] = past
     elif prompt is not None or prefix is not None:
         B = input_ids.shape[0]
         n_prompt = prompt.n if prompt is not None else 0
@@ -44,9 +48,9 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         if prompt is not None:
             kw["inputs_embeds"] = torch.cat([prompt(B), arch.embeddings(input_ids)], 1)
         if prefix is not None:
-            kw["past_key_values"] = prefix.cache(B, arch.body.config, kv_dtype)
-    if use_cache and kv_dtype is not None and "past_key_values" not in kw:
-        kw["past_key_values"] = prefill([], arch.body.config, kv_dtype)
+            kw[cache] = prefix.cache(B, arch.body.config, kv_dtype)
+    if use_cache and kv_dtype is not None and cache not in kw:
+        kw[cache] = prefill([], arch.body.config, kv_dtype)
     if "inputs_embeds" not in kw:
         kw["input_ids"] = input_ids
     kw["attention_mask"] = mask
@@ -55,6 +59,22 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     if arch.causal:
         kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
     return kw, mask, pool_mask[:, -n_new:]
+
+
+@functools.cache
+def _cache_arg(body_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(body_type.forward).parameters else "past_key_values"
+
+
+def cache_arg(body: nn.Module) -> str:
+    """The body's keyword for a KV cache: transformers 5.24 renamed past_key_values to cache (the
+    old name warns, and goes in 5.40)."""
+    return _cache_arg(type(body))
+
+
+def output_cache(out) -> DynamicCache | None:
+    """The KV cache a body's forward returned (`cache` from transformers 5.24, `past_key_values` before)."""
+    return out.get("cache", out.get("past_key_values"))
 
 
 def full_attention_mask(mask: torch.Tensor, n_query: int, config, dtype: torch.dtype) -> torch.Tensor:

@@ -98,6 +98,17 @@ def test_repetition_penalty_equals_transformers_and_near_zero_temperature_is_gre
         assert torch.equal(generate(*args, s, seed=3), greedy), s
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_decoding_passes_the_cache_under_the_current_name(name):
+    import warnings
+
+    b, m = lm(name, "prefix")  # a prefix cache, then the decoding cache
+    batch = b.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    with warnings.catch_warnings():  # transformers 5.24 renamed past_key_values to cache (gone in 5.40)
+        warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
+        generate(m, batch["input_ids"], batch["attention_mask"], 3)
+
+
 def test_rows_stop_at_stop_ids():
     b, m = lm("tiny-llama")
     batch = b.tokenizer(PROMPTS, padding=True, return_tensors="pt")

@@ -15,7 +15,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.prompt import check_room
-from peftlab.virtual import prefill
+from peftlab.virtual import output_cache, prefill
 
 
 class Prefix(nn.Module):
@@ -77,7 +77,7 @@ def real_token_key_values(model: nn.Module, n: int, seed: int = 0) -> torch.Tens
     arch = model.arch
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, arch.embeddings.num_embeddings, (1, n), generator=g)
-    cache = arch.body(input_ids=ids, use_cache=True).past_key_values
+    cache = output_cache(arch.body(input_ids=ids, use_cache=True))
     layers = [(cache.layers[i].keys, cache.layers[i].values) for i in range(len(arch.blocks))]
     kv = torch.stack([t[0] for pair in layers for t in pair])  # (2L, kv_heads, n, head_dim)
     return kv.permute(2, 0, 1, 3).reshape(n, -1)  # PEFT's (n, L * 2 * kv_heads * head_dim) layout
