@@ -77,6 +77,24 @@ def test_prompt_and_prefix_inits_follow_the_run_seed(spec, table):
     assert torch.equal(init(0), init(0)) and not torch.equal(init(0), init(1))
 
 
+def test_prompt_inits_draw_what_they_say():
+    from peftlab.methods import MethodArgs
+
+    b = load_backbone("tiny-llama")
+    table = b.arch.embeddings.weight.detach()
+
+    def init(how: str, text: str | None = None) -> torch.Tensor:
+        m = Classifier(b.arch, 2, tokenizer=b.tokenizer)
+        parse_method("prompt", MethodArgs(prompt_init=how, prompt_text=text, virtual_tokens=5)).apply(m)
+        return m.prompt.embedding.weight.detach()
+
+    def rows_of_table(x: torch.Tensor) -> list[bool]:
+        return [bool((table == row).all(-1).any()) for row in x]
+    assert all(rows_of_table(init("vocab"))) and not any(rows_of_table(init("random")))
+    ids = b.tokenizer("apple pie", add_special_tokens=False)["input_ids"]
+    assert torch.equal(init("text", "apple pie"), table[torch.tensor((ids * 5)[:5])])  # the text's tokens, repeated
+
+
 @pytest.mark.parametrize("spec", ["lora+ia3", "ia3+lora"])
 def test_lora_and_ia3_share_no_projection(spec):
     from tests.conftest import adapted

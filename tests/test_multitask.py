@@ -158,9 +158,9 @@ def test_per_task_lora_adapters_route_rows_and_train(task_pair, tmp_path):
     lora = [n for n in p.trainable if ".lora_" in n]
     assert lora and all(".fruit." in n or ".colour." in n for n in lora)
     assert sum(".fruit." in n for n in lora) == sum(".colour." in n for n in lora)
-    with torch.no_grad():  # B starts at zero: make the two tasks' adapters differ
+    with torch.no_grad():  # B starts at zero: make both tasks' adapters act, and differ
         for n, t in p.model.named_parameters():
-            if ".lora_B.colour." in n:
+            if ".lora_B." in n:
                 t.normal_(0, 0.5)
     from peftlab.batching import collate
 
@@ -169,10 +169,14 @@ def test_per_task_lora_adapters_route_rows_and_train(task_pair, tmp_path):
     b = collate(enc, idx, tok.pad_token_id, tok.padding_side)
     tasks = torch.as_tensor(enc.task_ids[idx])
     mixed = p.model(b["input_ids"], b["attention_mask"], tasks)
+    from peftlab.methods.lora import per_row
+
     feats_base = p.model.features(b["input_ids"], b["attention_mask"])  # no routing: the base model
-    fruit_alone = p.model.head["fruit"](feats_base[:2])
-    torch.testing.assert_close(mixed[:2, :2], fruit_alone, atol=1e-5, rtol=1e-5)  # fruit's B is still zero
-    assert (mixed[2:, :3] - p.model.head["colour"](feats_base[2:])).abs().max() > 1e-3  # colour's is not
+    for task, rows, n in (("fruit", slice(0, 2), 2), ("colour", slice(2, 4), 3)):
+        with per_row(p.model, [task] * 4):  # every row through this task's adapter alone
+            alone = p.model.head[task](p.model.features(b["input_ids"], b["attention_mask"])[rows])
+        torch.testing.assert_close(mixed[rows, :n], alone, atol=1e-5, rtol=1e-5)  # each row took its own
+        assert (mixed[rows, :n] - p.model.head[task](feats_base[rows])).abs().max() > 1e-3  # not the base
     cfg = dataclasses.replace(cfg, out=str(tmp_path / "pta"), train=TrainArgs(epochs=4, batch_size=16, lr=1e-2))
     r = train_run(cfg, progress=False)
     assert r["test"]["fruit/accuracy"] >= 0.8 and r["test"]["colour/accuracy"] >= 0.8, r["test"]

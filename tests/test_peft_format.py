@@ -63,3 +63,24 @@ def test_hf_peft_adapter_loads_in_peftlab(name, spec, kw, tmp_path):
     ids = torch.randint(10, 1000, (2, 6))
     with torch.no_grad():
         torch.testing.assert_close(m2(ids, torch.ones_like(ids)), m(ids, torch.ones_like(ids)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [{"adapter": "houlsby", "adapter_scaling": 2.0},
+                                {"adapter": "parallel", "adapter_at": "attn,ffn", "adapter_reduction": 8}])
+def test_bottleneck_adapters_round_trip_with_their_placement_and_scaling(kw, tmp_path):
+    """PEFT has no bottleneck adapters: peftlab writes them in PEFT's layout as "BOTTLENECK"."""
+    b, m, method = build("tiny-llama", "adapter", kw)
+    save_adapter(tmp_path, method, m, b.model, trainable_names(m, method), "tiny-llama")
+    fresh = load_backbone("tiny-llama")
+    torch.manual_seed(0)
+    m2 = Classifier(fresh.arch, 2, tokenizer=fresh.tokenizer).eval()
+    loaded = load_adapter(tmp_path, m2, fresh.model)
+    assert (loaded.placement, loaded.scaling, loaded.reduction, loaded.at) == \
+        (method.placement, method.scaling, method.reduction, method.at)
+    m2.head.load_state_dict(m.head.state_dict())
+    ids = torch.randint(10, 1000, (2, 6))
+    with torch.no_grad():
+        plain = Classifier(load_backbone("tiny-llama").arch, 2).eval()
+        plain.head.load_state_dict(m.head.state_dict())
+        assert (m(ids, torch.ones_like(ids)) - plain(ids, torch.ones_like(ids))).abs().max() > 1e-3  # adapters act
+        torch.testing.assert_close(m2(ids, torch.ones_like(ids)), m(ids, torch.ones_like(ids)), atol=1e-6, rtol=0)
