@@ -73,6 +73,17 @@ def test_train_per_class_takes_k_seeded_rows_of_each_label(toy_task):
     assert rows(0) == rows(0) and rows(0) != rows(1)
 
 
+def test_only_matrices_are_weight_decayed_and_the_head_has_its_own_lr():
+    from peftlab.train import make_optimizer
+
+    m = torch.nn.Module()
+    m.body, m.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    opt = make_optimizer(m, lr=1e-3, head_lr=1e-2, weight_decay=0.1)
+    got = {id(p): (g["weight_decay"], g["lr"]) for g in opt.param_groups for p in g["params"]}
+    assert got[id(m.body.weight)] == (0.1, 1e-3) and got[id(m.body.bias)] == (0.0, 1e-3)
+    assert got[id(m.head.weight)] == (0.1, 1e-2) and got[id(m.head.bias)] == (0.0, 1e-2)
+
+
 def test_schedule_warms_up_then_decays():
     f = lr_lambda("linear", warmup=2, total=10)
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
