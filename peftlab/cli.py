@@ -207,11 +207,13 @@ def cmd_train(args) -> None:
     from peftlab.saved import resume_run
 
     cfg = config_from_args(args)
-    skip = cfg.train.skip_nonfinite  # the one setting a resumed run may change: past a non-finite loss
-    if args.resume and dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, skip_nonfinite=False)) != RunConfig():
-        raise PeftlabError(f"--resume continues '{args.resume}' with the settings in its config.json; "
-                           "give no other flags but --nproc and --skip-nonfinite true")
-    record = resume_run(args.resume, skip_nonfinite=skip) if args.resume else train_run(cfg)
+    if args.resume:  # the saved settings, but for going on past a non-finite loss
+        if dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, skip_nonfinite=False)) != RunConfig():
+            raise PeftlabError(f"--resume continues '{args.resume}' with the settings in its config.json; "
+                               "give no other flags but --nproc and --skip-nonfinite true")
+        record = resume_run(args.resume, skip_nonfinite=cfg.train.skip_nonfinite)
+    else:
+        record = train_run(cfg)
     if parallel.is_main():
         print_table([record])
         print(f"run directory: {record['run_dir']}")

@@ -20,7 +20,7 @@ from peftlab import parallel
 from peftlab.errors import PeftlabError
 from peftlab.methods.lora import inference_weights
 from peftlab.speed import autocast, resolve
-from peftlab.virtual import body_inputs, output_cache
+from peftlab.virtual import body_inputs, output_cache, virtual_tokens
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _room(model: nn.Module, attention_mask: torch.Tensor) -> int:
     arch = model.arch
     if not arch.family.learned_positions:
         return sys.maxsize
-    virtual = sum(getattr(getattr(model, part, None), "n", 0) for part in ("prompt", "prefix"))
+    virtual = sum(virtual_tokens(model))
     context = arch.body.config.max_position_embeddings
     used = max(parallel.gather_objects(int(attention_mask.sum(1).max()) + virtual))  # one length for all processes
     if used >= context:

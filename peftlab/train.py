@@ -104,10 +104,9 @@ def make_optimizer(model: nn.Module, lr: float, head_lr: float, weight_decay: fl
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
     heads = [p for p in model.head.parameters() if p.requires_grad]
     # decay matrices only: biases and norm gains are not regularised (as in GPT-2 / nanoGPT)
-    groups = [{"params": [p for p in body if p.dim() >= 2], "weight_decay": weight_decay, "lr": lr},
-              {"params": [p for p in body if p.dim() < 2], "weight_decay": 0.0, "lr": lr},
-              {"params": [p for p in heads if p.dim() >= 2], "weight_decay": weight_decay, "lr": head_lr},
-              {"params": [p for p in heads if p.dim() < 2], "weight_decay": 0.0, "lr": head_lr}]
+    groups = [{"params": [p for p in params if (p.dim() >= 2) == matrix], "lr": group_lr,
+               "weight_decay": weight_decay if matrix else 0.0}
+              for params, group_lr in ((body, lr), (heads, head_lr)) for matrix in (True, False)]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 

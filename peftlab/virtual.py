@@ -33,15 +33,14 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     no `past`): the new cache keeps keys and values in that dtype (`prefill`).
     """
     arch, prompt, prefix = model.arch, getattr(model, "prompt", None), getattr(model, "prefix", None)
-    cache = cache_arg(arch.body)
+    cache = cache_arg(type(arch.body))
     kw: dict = {"use_cache": use_cache}
     mask, pool_mask, n_new = attention_mask, attention_mask, input_ids.shape[1]
     if past is not None:
         kw[cache] = past
     elif prompt is not None or prefix is not None:
         B = input_ids.shape[0]
-        n_prompt = prompt.n if prompt is not None else 0
-        n_prefix = prefix.n if prefix is not None else 0
+        n_prefix, n_prompt = virtual_tokens(model)
         mask = torch.cat([attention_mask.new_ones(B, n_prefix + n_prompt), attention_mask], 1)
         pool_mask = torch.cat([attention_mask.new_zeros(B, n_prompt), attention_mask], 1)
         n_new += n_prompt
@@ -61,15 +60,16 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return kw, mask, pool_mask[:, -n_new:]
 
 
+def virtual_tokens(model: nn.Module) -> tuple[int, int]:
+    """(prefix, soft prompt) virtual tokens the model carries; both take positions."""
+    return tuple(getattr(getattr(model, part, None), "n", 0) for part in ("prefix", "prompt"))
+
+
 @functools.cache
-def _cache_arg(body_type: type) -> str:
-    return "cache" if "cache" in inspect.signature(body_type.forward).parameters else "past_key_values"
-
-
-def cache_arg(body: nn.Module) -> str:
+def cache_arg(body_type: type) -> str:
     """The body's keyword for a KV cache: transformers 5.24 renamed past_key_values to cache (the
     old name warns, and goes in 5.40)."""
-    return _cache_arg(type(body))
+    return "cache" if "cache" in inspect.signature(body_type.forward).parameters else "past_key_values"
 
 
 def output_cache(out) -> DynamicCache | None:
