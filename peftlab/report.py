@@ -84,14 +84,14 @@ def results_table(groups: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def cost_table(groups: list[dict]) -> tuple[list[str], list[list[str]]] | None:
     """Training (s/epoch) and inference (test-set evaluation time) relative to full fine-tuning
-    on the same task, when the experiment has a full fine-tuning run to compare with. Runs with
+    of the same model on the same task, when the experiment has such a run to compare with. Runs with
     cached features train and evaluate from the cache: their costs are what the user pays here,
     not what serving the model from raw text would cost."""
     cols = ["settings", "task", "training s/epoch vs full", "test-set time vs full", "peak memory vs full"]
     rows = []
     for g in groups:
         full = next((f for f in groups if f["settings"].get("method") == "full"
-                     and f["settings"]["task"] == g["settings"]["task"]), None)
+                     and all(f["settings"][k] == g["settings"][k] for k in ("model", "task"))), None)
         if full is None:
             continue
         rows.append([g["label"], g["settings"]["task"], f"{g['s_per_epoch'] / full['s_per_epoch']:.2f}x",

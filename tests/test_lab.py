@@ -188,3 +188,21 @@ def test_report_rows_are_mean_and_sample_std_over_seeds():
     (g,) = group([row(0, 0.8), row(1, 0.9), row(2, 0.7)])
     assert g["n"] == 3 and g["mean"] == pytest.approx(80.0) and g["std"] == pytest.approx(10.0)  # n-1: 10, not 8.2
     assert group([row(0, 0.8)])[0]["std"] == 0.0
+
+
+def test_cost_is_relative_to_full_fine_tuning_of_the_same_model_and_task():
+    from peftlab.report import cost_table, group
+
+    def row(model: str, task: str, method: str, s: float, mem: float, test_s: float) -> dict:
+        return {"id": f"{model}-{task}-{method}", "model": model, "task": task, "params": json.dumps({"method": method}),
+                "metric": "accuracy", "value": 0.5, "trainable_params": 1, "trainable_pct": 0.1,
+                "peak_memory_mb": mem, "s_per_epoch": s, "tokens_per_s": 1.0, "adapter_bytes": 1,
+                "record": json.dumps({"test_time_s": test_s})}
+    groups = group([row("a", "t", "full", 10, 1000, 4), row("a", "t", "lora", 5, 250, 1),
+                    row("b", "t", "full", 40, 2000, 8), row("b", "t", "lora", 10, 1000, 2),
+                    row("a", "u", "lora", 1, 1, 1)])  # no full run for task u: no row
+    cols, rows = cost_table(groups)
+    by = {(g["settings"]["model"], g["label"]): r for g, r in zip([g for g in groups if g["settings"]["task"] == "t"], rows)}
+    assert by["a", "lora"][2:] == ["0.50x", "0.25x", "0.25x"]
+    assert by["b", "lora"][2:] == ["0.25x", "0.25x", "0.50x"] and by["b", "full"][2:] == ["1.00x"] * 3
+    assert len(rows) == 4

@@ -95,6 +95,26 @@ def test_prompt_inits_draw_what_they_say():
     assert torch.equal(init("text", "apple pie"), table[torch.tensor((ids * 5)[:5])])  # the text's tokens, repeated
 
 
+def test_prefix_inits_draw_what_they_say():
+    from peftlab.methods import MethodArgs
+    from peftlab.methods.prefix import real_token_key_values
+
+    b = load_backbone("tiny-llama")
+
+    def init(how: str) -> torch.Tensor:
+        torch.manual_seed(3)
+        m = Classifier(b.arch, 2, tokenizer=b.tokenizer)
+        parse_method("prefix", MethodArgs(prefix_init=how, virtual_tokens=4)).apply(m)
+        return m.prefix.table().detach()
+
+    torch.manual_seed(3)
+    real = real_token_key_values(Classifier(b.arch, 2, tokenizer=b.tokenizer), 4, 3)
+    assert torch.equal(init("tokens"), real)  # the frozen model's own keys and values
+    noise = init("random")
+    assert noise.shape == real.shape and not torch.allclose(noise, real)
+    assert abs(noise.std().item() - 1) < 0.1 and abs(noise.mean().item()) < 0.1  # PEFT's N(0, 1)
+
+
 @pytest.mark.parametrize("spec", ["lora+ia3", "ia3+lora"])
 def test_lora_and_ia3_share_no_projection(spec):
     from tests.conftest import adapted
