@@ -10,6 +10,7 @@ stay in the cache; positions and masks come from `virtual.body_inputs`.
 """
 
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -94,7 +95,11 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     once (prepacked for oneDNN), not once per token, and the KV cache held in bf16; a single active LoRA adapter runs
     merged into the weights (`lora.inference_weights`).
     """
-    max_new_tokens = min(max_new_tokens, _room(model, attention_mask))
+    room = _room(model, attention_mask)
+    if room < max_new_tokens:
+        warnings.warn(f"{model.arch.model_type} has {room} positions left after the longest prompt: generating at "
+                      f"most {room} new tokens, not {max_new_tokens} (shorten prompts with --max-length to get more)")
+        max_new_tokens = room
     kv_dtype = torch.bfloat16 if resolve(precision) == "bf16" else None  # what attention reads under autocast
     with inference_weights(model, precision, model.arch.lm_head, pack=True), autocast(precision):
         return _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_ids, pad_id, use_cache,
