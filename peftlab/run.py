@@ -238,13 +238,19 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
     tune_allocator()  # before the feature cache and evaluations, not only the training loop
     main = parallel.is_main()
     out = Path(cfg.out) if cfg.out else parallel.gather_objects(default_run_dir(cfg))[0]  # rank 0's name
+    created = main and not out.exists()
     _check_writable(out)
     ckpt_path = out / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     t_start = time.perf_counter()
     with PeakMemory() as mem:
-        p = prepare(cfg, backbone)
-        _check_space(out, p)
+        try:
+            p = prepare(cfg, backbone)
+            _check_space(out, p)
+        except BaseException:
+            if created and not any(out.iterdir()):
+                out.rmdir()  # a run refused before it began leaves no empty folder behind
+            raise
         if main:
             save_json(out / CONFIG, dataclasses.asdict(cfg))
         strategy = parallel.resolve(cfg.train.parallel, p.model)

@@ -322,6 +322,8 @@ def test_bad_input_gives_one_line_error(case: Case, tmp_path, monkeypatch, reque
     assert err.startswith("peftlab: error: ") and err.count("\n") == 1, err
     for fragment in case.fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"
+    runs = tmp_path / "runs"
+    assert not runs.is_dir() or all(any(d.iterdir()) for d in runs.iterdir()), "a refused run left an empty folder"
 
 
 def test_catalogue_ids_are_unique_and_documented():
