@@ -109,16 +109,25 @@ def load_yaml(path: str | Path, what: str = "file"):
     return _parse(path, yaml.safe_load, yaml.YAMLError, "YAML", f"{what} '{{path}}' does not exist")
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's contents; not UTF-8 names the first bad byte, its line and the fix."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark is harmless: drop it
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PeftlabError(f"'{path}' is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); re-encode it "
+                           f"as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`") from None
+
+
 def _parse(path: str | Path, parse, error: type[Exception], fmt: str, missing: str):
     path = Path(path)
     try:
-        return parse(path.read_text(encoding="utf-8"))
+        return parse(read_utf8(path))
     except FileNotFoundError as e:
         raise PeftlabError(missing.format(path=path)) from e
     except IsADirectoryError as e:
         raise PeftlabError(f"'{path}' is a folder, not a {fmt} file") from e
-    except UnicodeDecodeError as e:
-        raise PeftlabError(f"'{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
     except RecursionError as e:
         raise PeftlabError(f"'{path}' nests too deeply to be a config; is it the right file?") from e
     except error as e:

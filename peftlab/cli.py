@@ -99,15 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default: none for a "
                      "model, a newline for a generation run)")
     gen.add_argument("--chat", action="store_true", help="wrap a plain model's prompt in its chat template")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="seeds sampling (default: 0)")
     gen.add_argument("--no-stream", action="store_true", help="print the text at the end only")
     gen.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast where the CPU has "
-                     "bf16 instructions (weights cast once per call), else fp32 (the reference)")
+                     "bf16 instructions (weights cast once per call), else fp32 (the reference); default: auto")
     add_dataclass_flags(gen, Sampling)
 
     e = sub.add_parser("eval", help="evaluate a finished run directory")
     e.add_argument("run_dir")
-    e.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    e.add_argument("--split", default="test", choices=("train", "validation", "test"), help="default: test")
     add_dataclass_flags(e, Sampling)  # generation runs: decode with other settings than in training
 
     x = sub.add_parser("export", help="write a run's adapter in Hugging Face PEFT layout")
@@ -123,13 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     icl.add_argument("--task", default="sst2", help="a classification or generation task (default: sst2)")
     icl.add_argument("--shots", default="0,1,4,8,16", help="comma-separated k values (default: 0,1,4,8,16)")
     icl.add_argument("--repeats", type=int, default=3, help="support draws per k > 0 (default: 3)")
-    icl.add_argument("--limit", type=int, default=None, help="evaluate on a seeded subset of N test rows")
-    icl.add_argument("--seed", type=int, default=0)
-    icl.add_argument("--batch-size", type=int, default=16)
+    icl.add_argument("--limit", type=int, default=None, help="evaluate on a seeded subset of N test rows "
+                     "(default: all)")
+    icl.add_argument("--seed", type=int, default=0, help="seeds the support draws and the subset (default: 0)")
+    icl.add_argument("--batch-size", type=int, default=16, help="prompts scored at once (default: 16)")
     icl.add_argument("--max-length", type=int, default=1024, help="token budget of one prompt (default: 1024)")
-    icl.add_argument("--out", default=None, help="folder for icl.json, icl.md, icl_curve.png")
+    icl.add_argument("--out", default=None, help="folder for icl.json, icl.md, icl_curve.png (default: "
+                     "runs/icl-<model>-<task>-<time>)")
     icl.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast where the CPU has "
-                     "bf16 instructions (label words still scored in fp32), else fp32 (the reference)")
+                     "bf16 instructions (label words still scored in fp32), else fp32 (the reference); default: auto")
 
     ex = sub.add_parser("run", help="run an experiment file (defaults + grid); re-run to continue where it stopped")
     ex.add_argument("experiment", help="a YAML file, e.g. experiments/spam_methods.yaml")

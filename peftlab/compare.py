@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from peftlab.checkpoint import save_json
+from peftlab.errors import PeftlabError
 from peftlab.measure import fmt_params
 from peftlab.methods import parse_method
 from peftlab.run import default_run_dir, train_run
@@ -21,6 +22,10 @@ def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[d
     """
     for m in methods:
         parse_method(m, cfg.method_args)  # every spec is checked before the first run starts
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise PeftlabError(f"--methods names {', '.join(map(repr, twice))} twice; give each method once "
+                           "(for repeats, use an experiment file with seeds)")
     out = Path(cfg.out) if cfg.out else default_run_dir(dataclasses.replace(cfg, method="compare"))
     records = []
     for m in methods:

@@ -32,12 +32,29 @@ def _accepts(tp, value) -> bool:
     return True
 
 
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _describe(tp) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(tp)))
     if typing.get_origin(tp) is typing.Union or isinstance(tp, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     return "null" if tp is type(None) else "a mapping" if dataclasses.is_dataclass(tp) else tp.__name__
+
+
+def check_fields(obj) -> None:
+    """A dataclass built in Python (not from a file) holds values of its fields' types: a wrong one
+    fails here, named, not later inside training (`TrainArgs(epochs="2")`)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if f.init and not _accepts(hints[f.name], v):
+            raise PeftlabError(f"{type(obj).__name__}: '{f.name}' must be {_describe(hints[f.name])}, got {v!r}")
 
 
 def build(cls, values: dict, where: str, *, unknown: str = "warn"):
@@ -62,6 +79,10 @@ def build(cls, values: dict, where: str, *, unknown: str = "warn"):
         if name not in values:
             continue
         v, tp = values[name], hints[name]
+        if isinstance(v, str) and _accepts(tp, 1.0) and not _accepts(tp, v):
+            v = _number(v)  # YAML reads 1e-3 (no dot) as text, where a user meant the number
+        if isinstance(v, bool) and not _accepts(tp, v) and _accepts(tp, "on" if v else "off"):
+            v = "on" if v else "off"  # and `off` as false, where a setting takes the word
         if not _accepts(tp, v):
             raise PeftlabError(f"{where}: '{name}' must be {_describe(tp)}, got {v!r}")
         if dataclasses.is_dataclass(tp) and isinstance(v, dict):

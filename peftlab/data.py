@@ -67,6 +67,12 @@ def data_roots() -> list[Path]:
     return roots + [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
 
 
+def task_folder(name: str) -> Path | None:
+    """The built-in task's folder under the first data root that has one. A folder with a missing
+    or misnamed split is read (and refused by name), not passed over for a later root's copy."""
+    return next((r / name for r in data_roots() if (r / name).is_dir()), None)
+
+
 def load_task(task: str, *, text_column: str | None = None, label_column: str | None = None,
               seed: int = 0) -> Task:
     """Load a built-in task by name, or a local file/directory with the given columns.
@@ -82,7 +88,7 @@ def load_task(task: str, *, text_column: str | None = None, label_column: str | 
     spec = TASKS.get(task)
     path = Path(task)
     if spec is not None:
-        folder = next((r / task for r in data_roots() if (r / task / "train.jsonl").is_file()), None)
+        folder = task_folder(task)
         raw = read_folder(folder) if folder else _read_hub(spec)
     elif path.is_dir():
         raw = read_folder(path)
@@ -136,6 +142,9 @@ def _read_hub(spec: TaskSpec) -> dict[str, Dataset]:
 def _texts(ds: Dataset, split: str, text_column: str, label_column: str) -> list[str]:
     """The split's texts, once both columns are known to be there."""
     for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+        if col not in ds.column_names and col == label_column and split != "train":  # train had it: read first
+            raise PeftlabError(f"{split} data has no column '{col}' (columns: {', '.join(ds.column_names)}) though "
+                               f"train has it; peftlab scores every split against its labels: add them to {split}")
         if col not in ds.column_names:
             raise missing_column(split, col, ds.column_names, flag)
     texts = ds[text_column]
@@ -181,6 +190,12 @@ def _label_values(values: list, split: str) -> list:
 def _label_names(values: dict[str, list]) -> tuple[str, ...]:
     train = set(values["train"])
     names = tuple(str(x) for x in sorted(train, key=lambda x: (str(type(x)), x)))
+    folded: dict[str, str] = {}
+    for name in names:
+        twin = folded.setdefault(name.strip().lower(), name)
+        if twin != name:
+            raise PeftlabError(f"train labels {twin!r} and {name!r} differ only in case or spaces, so they would be "
+                               "two classes; make them one label in the data")
     if len(names) < 2:
         raise PeftlabError(f"the train data has a single label ({', '.join(names)}); a classifier needs at least "
                            "two: check --label-column, or add rows of the other labels")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from peftlab import parallel
+from peftlab.config import check_fields
 from peftlab.errors import PeftlabError
 from peftlab.methods.lora import inference_weights
 from peftlab.speed import autocast, resolve
@@ -35,6 +36,7 @@ class Sampling:
                                                                       "sequence (CTRL-style)"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for ok, msg in ((self.temperature >= 0, "--temperature must be >= 0 (0 is greedy)"),
                         (self.top_k >= 0, "--top-k must be >= 0 (0 keeps all tokens)"),
                         (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
@@ -123,6 +125,8 @@ def _room(model: nn.Module, attention_mask: torch.Tensor) -> int:
 
 def _generate(model, input_ids, attention_mask, max_new_tokens, sampling, stop_ids, pad_id, use_cache, seed,
               stop_strings, tokenizer, on_step, kv_dtype) -> torch.Tensor:
+    if any(not s for s in stop_strings):
+        raise PeftlabError("a stop string (--stop) is empty, which would stop at once; give non-empty text")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer to read the generated text")
     s = sampling or Sampling()

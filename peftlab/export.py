@@ -10,7 +10,7 @@ from peftlab.errors import PeftlabError
 from peftlab.methods import merge, parse_method
 from peftlab.multitask import TaskPrompts
 from peftlab.peft_format import save_adapter
-from peftlab.saved import load_run
+from peftlab.saved import check_outside_runs, load_run
 
 
 def _one_adapter(cfg, p) -> None:
@@ -21,6 +21,7 @@ def _one_adapter(cfg, p) -> None:
 
 def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
     """Write a run's adapter in HF PEFT layout (adapter_config.json, adapter_model.safetensors, head)."""
+    check_outside_runs(out)
     cfg, p = load_run(run_dir)
     _one_adapter(cfg, p)
     method = parse_method(cfg.method, cfg.method_args)
@@ -39,6 +40,7 @@ def unwrap(body: nn.Module) -> None:
 
 def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     """Fold a run's changes into the base weights and save a plain transformers model + its head."""
+    check_outside_runs(out)
     cfg, p = load_run(run_dir)
     _one_adapter(cfg, p)
     extra = sorted({n.split(".")[0] for n, _ in p.model.named_parameters()} - {"body", "head"})

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 from datasets.table import InMemoryTable
 
+from peftlab.checkpoint import read_utf8
 from peftlab.errors import PeftlabError, did_you_mean, first_line
 
 SPLITS = ("train", "validation", "test")
@@ -35,7 +36,7 @@ def read_file(path: Path) -> Dataset:
     if kind == "parquet":
         ds = _read_parquet(path)
     else:
-        text = _utf8(path)
+        text = read_utf8(path)
         if not text.strip():
             raise PeftlabError(f"'{path}' is empty; give a file with at least one row")
         ds = _from_rows(path, _json_rows(path, text)) if kind == "json" else _read_csv(path, text)
@@ -43,16 +44,6 @@ def read_file(path: Path) -> Dataset:
         raise PeftlabError(f"'{path}' has no rows; give a file with at least one row")
     _check_ids(ds, path)
     return ds
-
-
-def _utf8(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")  # a byte-order mark is harmless: drop it
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise PeftlabError(f"'{path}' is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); re-encode it "
-                           f"as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`") from None
 
 
 def json_kind(value) -> str:

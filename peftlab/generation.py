@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from peftlab import parallel
 from peftlab.batching import batch_indices, check_template, eval_batches, fill, fit_template, pad_rows
-from peftlab.data import data_roots
+from peftlab.data import data_roots, task_folder
 from peftlab.decode import Sampling, generate, trim_at_stop
 from peftlab.errors import PeftlabError, unknown
 from peftlab.files import FORMATS, SPLITS, missing_column, read_file, read_folder, split_one, value_kind
@@ -81,7 +81,7 @@ def load_gen_task(task: str, *, input_column: str | None = None, target_column: 
     """A built-in generation task by name, or a local file/folder with input and target columns."""
     spec = GEN_TASKS.get(task)
     if spec is not None:
-        folder = next((r / spec.folder for r in data_roots() if (r / spec.folder / "train.jsonl").is_file()), None)
+        folder = task_folder(spec.folder)
         if folder is None:
             raise PeftlabError(f"task '{task}' was not found under {', '.join(map(str, data_roots()))}; set "
                                f"PEFTLAB_DATA to a folder holding {spec.folder}/train.jsonl")

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+import warnings
 
 import torch
 
@@ -13,8 +14,7 @@ from peftlab.errors import PeftlabError
 from peftlab.generation import Pairs, complete, encode_pairs
 from peftlab.heads import LanguageModel
 from peftlab.models import load_backbone
-from peftlab.run import CONFIG
-from peftlab.saved import load_run
+from peftlab.saved import is_run, load_run
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Generator:
 
     model: torch.nn.Module
     tokenizer: object
-    frame: Callable[[list[str]], Pairs]
+    frame: Callable[[list[str], int], Pairs]  # prompts, new tokens to leave room for -> token ids
     max_new_tokens: int
     stop_strings: tuple[str, ...]
 
@@ -36,7 +36,9 @@ class Generator:
         n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         if n < 1:
             raise PeftlabError(f"--max-new-tokens must be at least 1, got {n}")
-        pairs = self.frame(prompts)
+        pairs = self.frame(prompts, n)
+        if not all(pairs.input_ids):
+            raise PeftlabError("a prompt is empty; give some text to continue")
         stops = self.stop_strings if stop_strings is None else stop_strings
         if stream is None:
             return complete(self.model, self.tokenizer, pairs, max_new_tokens=n, sampling=sampling,
@@ -85,18 +87,25 @@ class StreamPrinter:
 
 def load_generator(source: str | Path, *, chat: bool = False) -> Generator:
     """A trained generation run directory, or a model (embedded name, path or hub id)."""
-    if Path(source, CONFIG).is_file():
+    if is_run(source):
         cfg, p = load_run(source)
         if not p.generative:
             raise PeftlabError(f"'{source}' is a classification run; evaluate it with `peftlab eval`")
         tok, task = p.backbone.tokenizer, p.task
         sep = (p.model.head.id,) if cfg.sep_token else ()
-        frame = lambda prompts: encode_pairs(prompts, [""] * len(prompts), tok, cfg.template or task.template,
-                                             cfg.max_length, keep_end=task.keep_end, sep_ids=sep, chat=cfg.chat,
-                                             with_targets=False)
+        frame = lambda prompts, n: encode_pairs(prompts, [""] * len(prompts), tok, cfg.template or task.template,
+                                                cfg.max_length, keep_end=task.keep_end, sep_ids=sep, chat=cfg.chat,
+                                                with_targets=False)  # as in training: --max-length
         return Generator(p.model, tok, frame, cfg.max_new_tokens or task.max_new_tokens, ("\n",))
     b = load_backbone(str(source))
     context = getattr(b.model.config, "max_position_embeddings", 2048)
-    frame = lambda prompts: encode_pairs(prompts, [""] * len(prompts), b.tokenizer, "{text}", context, keep_end=True,
-                                         chat=chat, with_targets=False)
+
+    def frame(prompts: list[str], n: int) -> Pairs:
+        budget = max(context - n, 1)  # the prompt's end, and room for n new tokens
+        pairs = encode_pairs(prompts, [""] * len(prompts), b.tokenizer, "{text}", budget, keep_end=True, chat=chat,
+                             with_targets=False)
+        if pairs.truncated:
+            warnings.warn(f"{pairs.truncated} prompt(s) kept only their last {budget} tokens: {source} has {context} "
+                          f"positions and {n} are left for new tokens")
+        return pairs
     return Generator(LanguageModel(b.arch, b.tokenizer), b.tokenizer, frame, 64, ())

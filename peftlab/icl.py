@@ -190,12 +190,19 @@ def icl_classify(backbone: Backbone, task: Task, shots: list[int], repeats: int 
         preds = score_prompts(model, tok, enc, batch_size, precision).argmax(-1)
         draws[k].append(Draw(classification_metrics(preds, labels), enc, dropped, time.perf_counter() - t0))
     records = [_record(backbone.name, task, k, seed, draws[k], precision=precision) for k in shots]
+    fix = ("use fewer shots: the model's context caps prompts" if budget < max_length
+           else "raise --max-length to keep them")
     for rec in records:
-        if rec["shortened"]:
-            n = rec["rows"] * len(rec["seeds"])
+        n = rec["rows"] * len(rec["seeds"])
+        if rec["k"] and rec["dropped"] == rec["k"] * n:
+            raise PeftlabError(f"k={rec['k']}: no support example fits beside a query in {budget} tokens, so every "
+                               f"prompt was 0-shot; {fix}")
+        if rec["dropped"]:
             warnings.warn(f"k={rec['k']}: {rec['shortened']} of {n} prompts were over {budget} tokens and "
-                          f"lost {rec['dropped']} support examples from their front to fit; raise --max-length "
-                          "to keep them", stacklevel=2)
+                          f"lost {rec['dropped']} support examples from their front to fit; {fix}", stacklevel=2)
+        elif rec["shortened"]:
+            warnings.warn(f"k={rec['k']}: {rec['shortened']} of {n} queries were over {budget} tokens alone and were "
+                          "shortened (their frame kept whole)", stacklevel=2)
     return records
 
 

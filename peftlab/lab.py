@@ -31,7 +31,7 @@ from rich.table import Table
 from peftlab.checkpoint import load_json, load_yaml, save_json
 from peftlab.config import build
 from peftlab.decode import Sampling
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, did_you_mean
 from peftlab.measure import PeakMemory, fmt_params, machine, versions
 from peftlab.methods import MethodArgs, parse_method
 from peftlab.run import CONFIG, METRICS, train_run
@@ -88,11 +88,21 @@ class Experiment:
     def load(cls, path: str | Path) -> "Experiment":
         path = Path(path)
         doc = load_yaml(path, "experiment file")
-        if not isinstance(doc, dict) or not set(doc) <= {"name", "defaults", "grid", "description"}:
+        keys = ["name", "defaults", "grid", "description"]
+        if not isinstance(doc, dict):
             raise PeftlabError(f"experiment file '{path}' needs a mapping with 'defaults' and 'grid' "
                                "(and optionally 'name', 'description')")
+        extra = sorted(str(k) for k in set(doc) - set(keys))
+        if extra:
+            hint = did_you_mean(extra[0], keys)
+            raise PeftlabError(f"experiment file '{path}' has unknown key(s) {extra}; {hint + ' ' if hint else ''}"
+                               f"valid: {', '.join(keys)}")
         if not isinstance(doc.get("defaults") or {}, dict):
             raise PeftlabError(f"experiment file '{path}': 'defaults' needs a mapping of settings, e.g. {{epochs: 2}}")
+        listed = [k for k, v in (doc.get("defaults") or {}).items() if isinstance(v, list)]
+        if listed:
+            raise PeftlabError(f"experiment file '{path}': '{listed[0]}' in defaults is a list; defaults hold one "
+                               f"value each, lists of values to sweep go under grid: (e.g. grid: {{{listed[0]}: [...]}})")
         grids = doc.get("grid") or {}
         grids = grids if isinstance(grids, list) else [grids]
         for grid in grids:
@@ -109,6 +119,10 @@ class Experiment:
             flat = {**self.defaults, **params}
             shots = flat.pop("shots", 0)
             cfg = resolve(flat)
+            if "shots" in params and cfg.method != "icl":
+                raise PeftlabError(f"experiment '{self.name}': 'shots' applies to method icl only, but a grid gives it "
+                                   f"to method '{cfg.method}' (each would train the same run); give shots in a grid "
+                                   "of its own with method: [icl]")
             if cfg.method != "icl":  # in-context cells train nothing: no method to check
                 parse_method(cfg.method, cfg.method_args)
             digest = hashlib.blake2b(json.dumps([dataclasses.asdict(cfg), shots], sort_keys=True,
@@ -137,7 +151,7 @@ def same_config(cell: Cell) -> bool:
     if not (cell.run_dir / CONFIG).is_file():
         return False
     saved = load_json(cell.run_dir / CONFIG)
-    now = json.loads(json.dumps(dataclasses.asdict(cell.config), default=str))
+    now = json.loads(json.dumps(dataclasses.asdict(cell.config.portable()), default=str))
     # not the folder's spelling: runs/x and /abs/runs/x, or an experiment moved, hold the same cells
     return {**saved, "out": None} == {**now, "out": None}
 
@@ -158,7 +172,11 @@ COLUMNS = {"id": "TEXT PRIMARY KEY", "status": "TEXT", "model": "TEXT", "task": 
 
 def connect(exp_dir: Path) -> sqlite3.Connection:
     db = sqlite3.connect(exp_dir / INDEX)
-    db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(f'{k} {t}' for k, t in COLUMNS.items())})")
+    try:
+        db.execute(f"CREATE TABLE IF NOT EXISTS runs ({', '.join(f'{k} {t}' for k, t in COLUMNS.items())})")
+    except sqlite3.DatabaseError as e:
+        raise PeftlabError(f"'{exp_dir / INDEX}' is not a readable index ({e}); delete it and re-run the experiment "
+                           f"(peftlab run FILE --out {exp_dir}): finished cells are kept and re-indexed") from None
     return db
 
 
@@ -199,6 +217,12 @@ def query(exp_dir: str | Path, where: list[str] = (), sort: str | None = None) -
         col = key if key in COLUMNS else None
         if col is None and not key.replace("_", "").isalnum():
             raise PeftlabError(f"--where key '{key}' is not a column or a setting name")
+        if value.startswith("="):
+            raise PeftlabError(f"--where '{w}': write one '=' (e.g. {key}={value.lstrip('=')})")
+        if col is None and not db.execute(f"SELECT 1 FROM runs WHERE json_extract(params, '$.{key}') IS NOT NULL "
+                                          "LIMIT 1").fetchone():
+            raise PeftlabError(f"--where '{key}': no run here sets '{key}' (the columns: "
+                               f"{', '.join(c for c in COLUMNS if c != 'record')}, or a setting a grid varies)")
         clauses.append(f"{col} = ?" if col else f"json_extract(params, '$.{key}') = ?")
         args.append(value if col else _json_value(value))
     sql = "SELECT * FROM runs" + (f" WHERE {' AND '.join(clauses)}" if clauses else "")

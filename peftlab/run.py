@@ -11,6 +11,7 @@ A run directory holds:
 import dataclasses
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +32,7 @@ from peftlab.generation import GenTask, Pairs, collate_pairs, encode_pairs, eval
     is_generation, lm_loss, load_gen_task
 from peftlab.heads import Classifier, LanguageModel
 from peftlab.measure import PeakMemory, count_params, machine, versions
-from peftlab.methods import parse_method, positions, set_trainable, trainable_names
+from peftlab.methods import parse_method, positions, set_trainable, trainable_names, unread_args
 from peftlab.models import Backbone, load_backbone
 from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join, learning_tasks, multi_metrics, \
     plan_batches
@@ -139,6 +140,21 @@ def prepare(cfg: RunConfig, backbone: Backbone | None = None, transfer: bool = T
     return Prepared(backbone, model, task, data, trainable, cfg.train.lr or method.default_lr, carried)
 
 
+def _warn_unread(cfg: RunConfig) -> None:
+    """Settings this run would ignore: said once, before any work."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    unread = [] if cfg.method.endswith((".yaml", ".yml")) else unread_args(parse_method(cfg.method, cfg.method_args),
+                                                                             cfg.method_args)
+    if unread:
+        warnings.warn(f"{', '.join(map(flag, unread))} set, but method '{cfg.method}' does not use "
+                      f"{'it' if len(unread) == 1 else 'them'}")
+    if cfg.label_words and cfg.head != "label-words":
+        warnings.warn("--label-words set, but only --head label-words scores label words (the head is linear)")
+    if cfg.method_args.prompt_text and cfg.method_args.prompt_init != "text":
+        warnings.warn(f"--prompt-text set, but --prompt-init is '{cfg.method_args.prompt_init}'; add --prompt-init "
+                      "text to start from it")
+
+
 def _check_context(cfg: RunConfig, method, config) -> None:
     """Texts of --max-length tokens plus the virtual tokens must fit the model's positions."""
     context = getattr(config, "max_position_embeddings", None)
@@ -236,6 +252,7 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
     """
     parallel.init()
     tune_allocator()  # before the feature cache and evaluations, not only the training loop
+    _warn_unread(cfg)
     main = parallel.is_main()
     out = Path(cfg.out) if cfg.out else parallel.gather_objects(default_run_dir(cfg))[0]  # rank 0's name
     created = main and not out.exists()
@@ -252,7 +269,7 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
                 out.rmdir()  # a run refused before it began leaves no empty folder behind
             raise
         if main:
-            save_json(out / CONFIG, dataclasses.asdict(cfg))
+            save_json(out / CONFIG, dataclasses.asdict(cfg.portable()))
         strategy = parallel.resolve(cfg.train.parallel, p.model)
         if parallel.rank():  # dropout draws differ between processes (rank 0's match one process's)
             torch.manual_seed(cfg.seed + parallel.rank())

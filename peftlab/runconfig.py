@@ -1,10 +1,12 @@
 """What defines a run: the model, the task, the method and every setting (each field is also a
 CLI flag, and config.json in a run directory holds one)."""
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from peftlab.config import build
+from peftlab.config import build, check_fields
 from peftlab.decode import Sampling
 from peftlab.errors import PeftlabError
 from peftlab.heads import POOLINGS
@@ -67,12 +69,12 @@ class RunConfig:
     decoding: Sampling = field(default_factory=Sampling)
 
     def __post_init__(self) -> None:
-        if isinstance(self.train, dict):
-            self.train = TrainArgs(**self.train)
-        if isinstance(self.method_args, dict):
-            self.method_args = MethodArgs(**self.method_args)
-        if isinstance(self.decoding, dict):
-            self.decoding = Sampling(**self.decoding)
+        for name, cls in (("train", TrainArgs), ("method_args", MethodArgs), ("decoding", Sampling)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, build(cls, getattr(self, name), f"RunConfig {name}", unknown="error"))
+        check_fields(self)
+        if self.seed < 0:
+            raise PeftlabError(f"--seed must be >= 0, got {self.seed}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise PeftlabError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.template:
@@ -89,6 +91,19 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise PeftlabError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+
+    def portable(self) -> "RunConfig":
+        """This config with local data, model and --init-from paths made absolute: what a run
+        directory saves, so that `peftlab eval` reads it back from any working directory."""
+        from peftlab.data import TASKS
+        from peftlab.generation import GEN_TASKS
+        from peftlab.models import EMBEDDED
+
+        def absolute(name: str | None, names) -> str | None:
+            return str(Path(name).resolve()) if name and name not in names and Path(name).exists() else name
+        tasks = ",".join(absolute(t.strip(), {*TASKS, *GEN_TASKS}) for t in self.task.split(","))
+        return dataclasses.replace(self, task=tasks, model=absolute(self.model, EMBEDDED),
+                                   init_from=absolute(self.init_from, ()))
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":

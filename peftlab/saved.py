@@ -26,11 +26,34 @@ def resume_run(run_dir: str | Path, *, progress: bool = True, skip_nonfinite: bo
     return train_run(cfg, progress=progress, resume=True)
 
 
+def is_run(path: str | Path) -> bool:
+    """A peftlab run folder (its config.json names a task and a method), not a model folder."""
+    f = Path(path, CONFIG)
+    if not f.is_file():
+        return False
+    config = load_json(f)
+    return isinstance(config, dict) and "task" in config and "method" in config
+
+
+def check_outside_runs(out: str | Path) -> None:
+    """Refuse to write a model or adapter into a run directory (it would overwrite config.json)."""
+    if is_run(out) or Path(out, METRICS).is_file():
+        raise PeftlabError(f"'{out}' is a run directory; writing there would overwrite its files: give a new --out")
+
+
 def load_run(run_dir: str | Path, backbone: Backbone | None = None) -> tuple[RunConfig, Prepared]:
     """Rebuild a finished run's model with its trained weights."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PeftlabError(f"run directory '{run_dir}' does not exist; check the path (peftlab train --out names it)")
+    if not (run_dir / CONFIG).is_file():
+        raise PeftlabError(f"'{run_dir}' is not a run directory (no {CONFIG}); give a folder written by peftlab train")
+    if not is_run(run_dir):
+        raise PeftlabError(f"'{run_dir}' is a model directory (a Hugging Face {CONFIG}), not a peftlab run; use it as "
+                           f"a model: --model {run_dir} (or `peftlab generate {run_dir}`)")
+    if not (run_dir / WEIGHTS).is_file():
+        raise PeftlabError(f"'{run_dir}' has no trained weights yet (an unfinished run); continue it with "
+                           f"`peftlab train --resume {run_dir}`")
     cfg = RunConfig.from_dict(load_json(run_dir / CONFIG), f"'{run_dir / CONFIG}'")
     p = prepare(cfg, backbone, transfer=False)  # transferred tensors were saved with the run
     weights = load_weights(run_dir / WEIGHTS)

@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 
 from peftlab import parallel
 from peftlab.batching import Encoded, batch_indices, collate, eval_batches
+from peftlab.config import check_fields
 from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, logits_from_cache
 from peftlab.methods.lora import inference_weights
 from peftlab.metrics import classification_metrics
-from peftlab.parallel import STRATEGIES, Strategy
-from peftlab.speed import PRECISIONS, Precision, autocast, bf16_weights, fp32_attention, tune_allocator
+from peftlab.parallel import Strategy
+from peftlab.speed import Precision, autocast, bf16_weights, fp32_attention, tune_allocator
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrainArgs:
                                                          "the trained state passes 8 GiB)"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
@@ -66,10 +68,7 @@ class TrainArgs:
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 turns clipping off)"),
-            (self.schedule in ("linear", "cosine", "constant"), "--schedule must be linear, cosine or constant"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
-            (self.parallel in STRATEGIES, f"--parallel must be one of {', '.join(STRATEGIES)}"),
-        ]
+        ]  # schedule, precision and parallel: their Literal types, checked above
         for ok, msg in checks:
             if not ok:
                 raise PeftlabError(msg)

@@ -143,3 +143,15 @@ def test_a_bf16_kv_cache_changes_no_logit_under_bf16_autocast(name, spec):
     assert all(torch.equal(a, c) for a, c in zip(fast, plain))
     if name == "tiny-llama":  # rotary keys are fp32 under autocast: transformers' own cache grows them in fp32
         assert torch.float32 in plain_held  # (5.23 stores the values in fp32 too, 5.24 in bf16)
+
+
+def test_a_plain_model_keeps_the_end_of_a_long_prompt_and_room_to_generate():
+    from peftlab.generator import load_generator
+
+    g = load_generator("tiny-gpt2")  # 512 learned positions
+    with pytest.warns(UserWarning, match="kept only their last 500 tokens: tiny-gpt2 has 512 positions and 12"):
+        pairs = g.frame(["the end of a long story " * 200], 12)
+    assert len(pairs.input_ids[0]) == 500
+    with pytest.warns(UserWarning, match="kept only their last"):
+        (text,) = g.generate(["the end of a long story " * 200], max_new_tokens=12)
+    assert text  # 12 new tokens fit: no error, no cut in the new tokens

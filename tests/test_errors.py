@@ -112,6 +112,39 @@ def _corrupt_run(c: Ctx) -> list[str]:
     return ["eval", str(run)]
 
 
+def _data_root_without_train(c: Ctx) -> str:
+    """A PEFTLAB_DATA root whose sst2 folder lacks train.jsonl: refused, not passed over for ../shared's."""
+    c.monkeypatch.setenv("PEFTLAB_DATA", str(c.tmp / "data"))
+    folder(c.tmp / "data", "sst2", train=None)
+    return "sst2"
+
+
+def _model_dir(c: Ctx) -> str:
+    d = c.tmp / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
+    return str(d)
+
+
+def _unfinished_run(c: Ctx) -> str:
+    run = c.run_copy()
+    for name in ("trainable.safetensors", "metrics.json"):
+        (run / name).unlink()
+    return str(run)
+
+
+def _empty_index(c: Ctx) -> str:
+    from peftlab.lab import connect
+
+    connect(c.tmp).close()
+    return str(c.tmp)
+
+
+def _corrupt_index(c: Ctx) -> str:
+    (c.tmp / "index.sqlite").write_bytes(b"this is not a database" * 100)
+    return str(c.tmp)
+
+
 def _long_texts(n_tokens: int) -> dict:
     long = [{"text": "apple " * n_tokens, "label": "fruit"}, {"text": "table " * n_tokens, "label": "none"}]
     return {s: long * 5 + rows(10) for s in ("train", "validation", "test")}
@@ -190,6 +223,12 @@ CASES = [
          ("the target is missing (null)", "fix or drop the row")),
     Case("too-few-rows-to-split", lambda c: train(write_jsonl(c.tmp / "few.jsonl", rows(6))),
          ("needs at least 10 rows to split", "it has 6", "give a folder")),
+    Case("labels-differ-by-case", lambda c: train(folder(c.tmp, train=rows(20) + [{"text": "x", "label": "Fruit"}])),
+         ("train labels 'Fruit' and 'fruit' differ only in case or spaces", "make them one label")),
+    Case("test-split-without-labels", lambda c: train(folder(c.tmp, test=[{"text": r["text"]} for r in rows(9)])),
+         ("test data has no column 'label' (columns: text) though train has it", "add them to test")),
+    Case("data-root-missing-split", lambda c: train(_data_root_without_train(c)),
+         ("sst2' has no train file", "add train.jsonl")),
     # -- unknown names
     Case("unknown-model", lambda c: train(folder(c.tmp), model="tiny-gtp2"),
          ("unknown model 'tiny-gtp2'", "valid: smollm2-135m, minilm-l6, tiny-gpt2, tiny-llama, tiny-bert",
@@ -261,11 +300,47 @@ CASES = [
          ("--lr", "invalid float value: 'fast'")),
     Case("generate-zero-new-tokens", lambda c: ["generate", "tiny-gpt2", "--prompt", "hi", "--max-new-tokens", "0"],
          ("--max-new-tokens must be at least 1, got 0",)),
+    Case("negative-seed", lambda c: train(folder(c.tmp), "--seed", "-1"), ("--seed must be >= 0, got -1",)),
+    Case("lora-alpha-zero", lambda c: train(folder(c.tmp), "--lora-alpha", "0", method="lora"),
+         ("--lora-alpha must be positive (scaling = alpha / r), got 0.0",)),
+    Case("adapter-scaling-zero", lambda c: train(folder(c.tmp), "--adapter-scaling", "0", method="adapter"),
+         ("--adapter-scaling must be non-zero",)),
+    Case("generate-empty-prompt", lambda c: ["generate", "tiny-gpt2", "--prompt", ""],
+         ("a prompt is empty", "give some text to continue")),
+    Case("generate-empty-stop", lambda c: ["generate", "tiny-gpt2", "--prompt", "hi", "--stop", ""],
+         ("a stop string (--stop) is empty", "give non-empty text")),
+    Case("icl-no-support-fits", lambda c: ["icl", "--model", "tiny-gpt2", "--task", folder(c.tmp), "--shots", "2",
+                                           "--repeats", "1", "--limit", "4", "--max-length", "6",
+                                           "--out", str(c.tmp / "icl")],
+         ("k=2: no support example fits beside a query in 6 tokens", "raise --max-length")),
     # -- runs and adapters
     Case("corrupt-safetensors", _corrupt_run,
          ("trainable.safetensors' is not a valid safetensors file", "re-run training")),
     Case("not-a-run-directory", lambda c: ["eval", str(c.tmp)],
-         ("config.json' does not exist", "is this a peftlab run directory?")),
+         ("is not a run directory (no config.json)", "give a folder written by peftlab train")),
+    Case("eval-a-model-directory", lambda c: ["eval", _model_dir(c)],
+         ("is a model directory (a Hugging Face config.json), not a peftlab run", "use it as a model: --model")),
+    Case("eval-an-unfinished-run", lambda c: ["eval", _unfinished_run(c)],
+         ("has no trained weights yet (an unfinished run)", "peftlab train --resume")),
+    Case("merge-into-a-run", lambda c: ["merge", str(c.run_copy()), "--out", str(c.tmp / "run")],
+         ("is a run directory; writing there would overwrite its files", "give a new --out")),
+    Case("compare-a-method-twice", lambda c: ["compare", "--model", "tiny-gpt2", "--task", folder(c.tmp),
+                                              "--methods", "head,lora,head", "--out", str(c.tmp / "cmp")],
+         ("--methods names 'head' twice", "give each method once")),
+    Case("experiment-misspelled-key", lambda c: ["run", put(c.tmp, "e.yaml", "grids: {method: [head]}\n")],
+         ("has unknown key(s) ['grids']", "did you mean 'grid'?")),
+    Case("experiment-list-in-defaults", lambda c: ["run", put(c.tmp, "e.yaml", "defaults: {seed: [0, 1]}\n"
+                                                                                 "grid: {method: [head]}\n")],
+         ("'seed' in defaults is a list", "lists of values to sweep go under grid:")),
+    Case("experiment-shots-on-a-trained-method", lambda c: ["run", put(c.tmp, "e.yaml", "grid: {method: [head, icl], "
+                                                                                          "shots: [0, 4]}\n")],
+         ("'shots' applies to method icl only", "a grid of its own with method: [icl]")),
+    Case("runs-corrupt-index", lambda c: ["runs", _corrupt_index(c)],
+         ("index.sqlite' is not a readable index", "delete it and re-run the experiment")),
+    Case("runs-where-double-equals", lambda c: ["runs", _empty_index(c), "--where", "seed==0"],
+         ("--where 'seed==0': write one '='", "seed=0")),
+    Case("runs-where-unknown-setting", lambda c: ["runs", _empty_index(c), "--where", "lora_rr=4"],
+         ("no run here sets 'lora_rr'", "or a setting a grid varies")),
     Case("missing-run-directory", lambda c: ["eval", str(c.tmp / "nope")],
          ("run directory", "nope' does not exist", "check the path")),
     Case("init-from-another-base", lambda c: train(folder(c.tmp), "--init-from", str(c.run_copy()),

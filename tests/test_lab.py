@@ -206,3 +206,28 @@ def test_cost_is_relative_to_full_fine_tuning_of_the_same_model_and_task():
     assert by["a", "lora"][2:] == ["0.50x", "0.25x", "0.25x"]
     assert by["b", "lora"][2:] == ["0.25x", "0.25x", "0.50x"] and by["b", "full"][2:] == ["1.00x"] * 3
     assert len(rows) == 4
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 as text; an experiment means the number."""
+    path = write(tmp_path / "e.yaml", "defaults: {model: tiny-gpt2, head_lr: 5e-3}\ngrid: {method: [lora], lr: [1e-3, 3E-4]}\n")
+    cells = Experiment.load(path).cells(tmp_path / "exp")
+    assert [c.config.train.lr for c in cells] == [0.001, 0.0003] and cells[0].config.train.head_lr == 0.005
+
+
+def test_a_run_on_relative_paths_reads_back_from_elsewhere(tmp_path, monkeypatch):
+    """config.json holds absolute data paths: `peftlab eval` works from another folder, and an
+    experiment re-run from the first folder still sees its finished cell as the same config."""
+    from tests.conftest import write_toy_task
+
+    write_toy_task(tmp_path / "work" / "toy", (40, 10, 10))
+    monkeypatch.chdir(tmp_path / "work")
+    path = write(tmp_path / "work" / "e.yaml", "defaults: {model: tiny-gpt2, task: toy, epochs: 1, cache_features: off, bucket: on}\n"
+                                               "grid: {method: [head]}\n")
+    (row,) = run_experiment(path, tmp_path / "work" / "exp", progress=False)
+    saved = json.loads((tmp_path / "work" / "exp" / "runs" / row["id"] / "config.json").read_text())
+    assert saved["task"] == str(tmp_path / "work" / "toy")
+    (again,) = run_experiment(path, tmp_path / "work" / "exp", progress=False)
+    assert again["wall_time_s"] == row["wall_time_s"]  # finished: not trained again
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(tmp_path / "work" / "exp" / "runs" / row["id"])]) == 0

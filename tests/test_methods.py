@@ -149,3 +149,17 @@ def test_only_trainable_parameters_change(model_name, spec):
     # every trainable tensor that receives gradient moves; nothing else does
     assert changed == set(names), (spec, changed ^ set(names))
     assert set(HEAD) <= changed
+
+
+@pytest.mark.parametrize("spec,changed,unread", [
+    ("head", {"lora_r": 4, "virtual_tokens": 5}, ["lora_r", "virtual_tokens"]),
+    ("lora", {"lora_r": 4, "rslora": True}, []),
+    ("lora+last-1", {"lora_targets": "c_attn", "prefix_init": "random"}, ["prefix_init"]),
+    ("mam", {"virtual_tokens": 5, "adapter_reduction": 8, "prefix_projection": 16}, []),
+    ("prompt", {"prompt_init": "random", "prefix_projection": 16}, ["prefix_projection"]),
+])
+def test_settings_no_part_of_the_method_reads_are_named(spec, changed, unread):
+    from peftlab.methods import MethodArgs, unread_args
+
+    args = MethodArgs(**changed)
+    assert unread_args(parse_method(spec, args), args) == unread

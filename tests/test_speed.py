@@ -33,7 +33,7 @@ def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16():
     assert resolve("fp32") == "fp32" and resolve("bf16") == "bf16"
     with pytest.raises(PeftlabError, match="--precision 'fp16' is unknown; valid: auto, bf16, fp32"):
         resolve("fp16")
-    with pytest.raises(PeftlabError, match="--precision must be one of auto, bf16, fp32"):
+    with pytest.raises(PeftlabError, match="'precision' must be one of 'auto', 'bf16', 'fp32', got 'fp8'"):
         TrainArgs(precision="fp8")
 
 

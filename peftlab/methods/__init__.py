@@ -25,7 +25,7 @@ from typing import Protocol
 from torch import nn
 
 from peftlab.checkpoint import load_yaml
-from peftlab.config import build
+from peftlab.config import build, check_fields
 from peftlab.errors import PeftlabError, unknown
 from peftlab.methods.adapters import PLACEMENTS, Adapters
 from peftlab.methods.ia3 import IA3
@@ -55,6 +55,9 @@ class MethodArgs:
     adapter_reduction: int = field(default=16, metadata={"help": "hidden size / bottleneck width"})
     adapter_scaling: float = field(default=1.0, metadata={"help": "scale of the adapter's output"})
     adapter_at: str | None = field(default=None, metadata={"help": "override where: attn, ffn or attn,ffn"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 class Method(Protocol):
@@ -148,6 +151,20 @@ def _parse_yaml(path: Path, args: MethodArgs) -> Method:
     if len(set(names)) < len(names) or ("full" in names and len(names) > 1):
         raise PeftlabError(f"method file '{path}' lists a part twice or mixes 'full' with others")
     return parts[0] if len(parts) == 1 else Mix(parts, "+".join(names))
+
+
+# the MethodArgs each method reads (by name prefix); the rest take none
+READS = {Lora: ("lora_", "rslora"), PromptTuning: ("virtual_tokens", "prompt_"),
+         PrefixTuning: ("virtual_tokens", "prefix_"), Adapters: ("adapter",)}
+
+
+def unread_args(method: Method, args: MethodArgs) -> list[str]:
+    """Settings changed from their defaults that no part of `method` reads (`--lora-r 4` on a
+    head run): worth a warning, since the user meant something that will not happen."""
+    prefixes = tuple(x for p in getattr(method, "parts", [method]) for x in READS.get(type(p), ()))
+    default = MethodArgs()
+    return [f.name for f in dataclasses.fields(args)
+            if getattr(args, f.name) != getattr(default, f.name) and not f.name.startswith(prefixes or ("\0",))]
 
 
 def positions(method: Method) -> int:

@@ -73,6 +73,8 @@ class Adapters:
             raise PeftlabError(f"--adapter '{self.placement}' is unknown; valid: {', '.join(PLACEMENTS)}")
         if self.reduction < 1:
             raise PeftlabError(f"--adapter-reduction must be at least 1, got {self.reduction}")
+        if self.scaling == 0:  # the adapter's output would be multiplied away: `up` never trains
+            raise PeftlabError("--adapter-scaling must be non-zero (it scales the adapter's output)")
         bad = set((self.at or "ffn").split(",")) - {"attn", "ffn"}
         if bad:
             raise PeftlabError(f"--adapter-at takes attn, ffn or attn,ffn; got {self.at}")

@@ -192,6 +192,8 @@ class Lora:
             raise PeftlabError(f"--lora-r must be at least 1, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise PeftlabError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        if self.alpha <= 0:  # 0 would train B against a zero scaling: the adapter never moves
+            raise PeftlabError(f"--lora-alpha must be positive (scaling = alpha / r), got {self.alpha}")
         for t in parse_targets(self.targets):  # fail before any loading
             try:
                 re.compile(t.pattern)
