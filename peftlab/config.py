@@ -6,6 +6,8 @@ about and ignored: the run still loads.
 """
 
 import dataclasses
+import numbers
+import os
 import types
 import typing
 import warnings
@@ -52,9 +54,19 @@ def check_fields(obj) -> None:
     fails here, named, not later inside training (`TrainArgs(epochs="2")`)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if f.init and not _accepts(hints[f.name], v):
-            raise PeftlabError(f"{type(obj).__name__}: '{f.name}' must be {_describe(hints[f.name])}, got {v!r}")
+        v, tp = getattr(obj, f.name), hints[f.name]
+        if not f.init or _accepts(tp, v):
+            continue
+        if isinstance(v, os.PathLike) and _accepts(tp, ""):
+            v = os.fspath(v)  # out=Path("runs/x")
+        elif isinstance(v, numbers.Real) and not isinstance(v, bool):  # numpy numbers; 16.0 for 16
+            if _accepts(tp, 0.5):
+                v = float(v)
+            elif _accepts(tp, 0) and float(v).is_integer():
+                v = int(v)
+        if not _accepts(tp, v):
+            raise PeftlabError(f"{type(obj).__name__}: '{f.name}' must be {_describe(tp)}, got {v!r}")
+        setattr(obj, f.name, v)  # the plain Python value, so that config.json stays loadable
 
 
 def build(cls, values: dict, where: str, *, unknown: str = "warn"):
@@ -81,7 +93,8 @@ def build(cls, values: dict, where: str, *, unknown: str = "warn"):
         v, tp = values[name], hints[name]
         if isinstance(v, str) and _accepts(tp, 1.0) and not _accepts(tp, v):
             v = _number(v)  # YAML reads 1e-3 (no dot) as text, where a user meant the number
-        if isinstance(v, bool) and not _accepts(tp, v) and _accepts(tp, "on" if v else "off"):
+        if isinstance(v, bool) and not _accepts(tp, v) and _accepts(tp, "on" if v else "off") \
+                and not _accepts(tp, "any text"):
             v = "on" if v else "off"  # and `off` as false, where a setting takes the word
         if not _accepts(tp, v):
             raise PeftlabError(f"{where}: '{name}' must be {_describe(tp)}, got {v!r}")

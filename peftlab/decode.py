@@ -99,8 +99,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     room = _room(model, attention_mask)
     if room < max_new_tokens:
-        warnings.warn(f"{model.arch.model_type} has {room} positions left after the longest prompt: generating at "
-                      f"most {room} new tokens, not {max_new_tokens} (shorten prompts with --max-length to get more)")
+        warnings.warn(f"{model.arch.model_type}'s learned positions run out before {max_new_tokens} new tokens "
+                      "after some prompts: their outputs stop there (shorter prompts leave more room)")
         max_new_tokens = room
     kv_dtype = torch.bfloat16 if resolve(precision) == "bf16" else None  # what attention reads under autocast
     with inference_weights(model, precision, model.arch.lm_head, pack=True), autocast(precision):

@@ -15,6 +15,7 @@ from peftlab.generation import Pairs, complete, encode_pairs
 from peftlab.heads import LanguageModel
 from peftlab.models import load_backbone
 from peftlab.saved import is_run, load_run
+from peftlab.virtual import virtual_tokens
 
 
 @dataclass
@@ -93,9 +94,10 @@ def load_generator(source: str | Path, *, chat: bool = False) -> Generator:
             raise PeftlabError(f"'{source}' is a classification run; evaluate it with `peftlab eval`")
         tok, task = p.backbone.tokenizer, p.task
         sep = (p.model.head.id,) if cfg.sep_token else ()
+        context = p.backbone.model.config.max_position_embeddings - sum(virtual_tokens(p.model))
         frame = lambda prompts, n: encode_pairs(prompts, [""] * len(prompts), tok, cfg.template or task.template,
-                                                cfg.max_length, keep_end=task.keep_end, sep_ids=sep, chat=cfg.chat,
-                                                with_targets=False)  # as in training: --max-length
+                                                min(cfg.max_length, max(context - n, 1)), keep_end=task.keep_end,
+                                                sep_ids=sep, chat=cfg.chat, with_targets=False)  # as in training
         return Generator(p.model, tok, frame, cfg.max_new_tokens or task.max_new_tokens, ("\n",))
     b = load_backbone(str(source))
     context = getattr(b.model.config, "max_position_embeddings", 2048)

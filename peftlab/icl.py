@@ -176,6 +176,8 @@ def icl_classify(backbone: Backbone, task: Task, shots: list[int], repeats: int 
     tok = backbone.tokenizer
     model = Classifier(backbone.arch, task.num_labels, tokenizer=tok, label_words=task.words).eval()
     budget = _budget(backbone, model, max_length)
+    fix = ("use fewer shots: the model's context caps prompts" if budget < max_length
+           else "raise --max-length to keep them")
     test = subset(task.splits["test"], limit, seed)
     queries, labels = list(test["text"]), np.asarray(test["label"])
     cells = [(k, r) for k in shots for r in range(1 if k == 0 else repeats)]
@@ -187,16 +189,14 @@ def icl_classify(backbone: Backbone, task: Task, shots: list[int], repeats: int 
         t0 = time.perf_counter()
         blocks = support_blocks(task, train_ds, k, seed + r)
         enc, dropped = encode_prompts(task, tok, blocks, queries, labels, budget)
+        if k and dropped == k * len(queries):
+            raise PeftlabError(f"k={k}: no support example fits beside a query in {budget} tokens, so every prompt "
+                               f"would be 0-shot; {fix}")
         preds = score_prompts(model, tok, enc, batch_size, precision).argmax(-1)
         draws[k].append(Draw(classification_metrics(preds, labels), enc, dropped, time.perf_counter() - t0))
     records = [_record(backbone.name, task, k, seed, draws[k], precision=precision) for k in shots]
-    fix = ("use fewer shots: the model's context caps prompts" if budget < max_length
-           else "raise --max-length to keep them")
     for rec in records:
         n = rec["rows"] * len(rec["seeds"])
-        if rec["k"] and rec["dropped"] == rec["k"] * n:
-            raise PeftlabError(f"k={rec['k']}: no support example fits beside a query in {budget} tokens, so every "
-                               f"prompt was 0-shot; {fix}")
         if rec["dropped"]:
             warnings.warn(f"k={rec['k']}: {rec['shortened']} of {n} prompts were over {budget} tokens and "
                           f"lost {rec['dropped']} support examples from their front to fit; {fix}", stacklevel=2)

@@ -20,6 +20,7 @@ import json
 import sqlite3
 import sys
 import time
+import warnings
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from peftlab.config import build
 from peftlab.decode import Sampling
 from peftlab.errors import PeftlabError, did_you_mean
 from peftlab.measure import PeakMemory, fmt_params, machine, versions
-from peftlab.methods import MethodArgs, parse_method
+from peftlab.methods import MethodArgs, parse_method, unread_args
 from peftlab.run import CONFIG, METRICS, train_run
 from peftlab.runconfig import RunConfig
 from peftlab.train import TrainArgs
@@ -133,7 +134,23 @@ class Experiment:
             slug = "-".join(str(v) for v in params.values()).replace("/", "_").replace("+", "_").replace(",", "_")
             cfg.out = str(out / "runs" / f"{slug[:60]}-{digest}")
             cells.append(Cell(params, cfg, Path(cfg.out), shots))
+        self._warn_unread(cells)
         return cells
+
+    def _warn_unread(self, cells: list[Cell]) -> None:
+        """Method settings some cells ignore, said once per experiment: swept over a method that
+        does not read them (those cells repeat one run), or set in defaults for no method at all."""
+        ignored: dict[str, set[str]] = {}
+        trained = [c for c in cells if c.config.method != "icl"]
+        for c in trained:
+            for name in unread_args(parse_method(c.config.method, c.config.method_args), c.config.method_args):
+                ignored.setdefault(name, set()).add(c.config.method)
+        for name, methods in ignored.items():
+            if any(len(g.get(name, [])) > 1 for g in self.grids):
+                warnings.warn(f"experiment '{self.name}': '{name}' is swept over method(s) {', '.join(sorted(methods))}, "
+                              "which do not use it: those cells repeat one run")
+            elif name in self.defaults and len(methods) == len({c.config.method for c in trained}):
+                warnings.warn(f"experiment '{self.name}': '{name}' in defaults is used by none of its methods")
 
 
 def _json_value(text: str) -> int | float | str:
@@ -150,8 +167,12 @@ def same_config(cell: Cell) -> bool:
     """The cell's folder was started with this very config."""
     if not (cell.run_dir / CONFIG).is_file():
         return False
-    saved = load_json(cell.run_dir / CONFIG)
-    now = json.loads(json.dumps(dataclasses.asdict(cell.config.portable()), default=str))
+    plain = lambda cfg: json.loads(json.dumps(dataclasses.asdict(cfg.portable()), default=str))
+    try:  # both sides with absolute local paths: folders saved before configs held them still match
+        saved = plain(RunConfig.from_dict(load_json(cell.run_dir / CONFIG), str(cell.run_dir / CONFIG)))
+    except PeftlabError:
+        return False
+    now = plain(cell.config)
     # not the folder's spelling: runs/x and /abs/runs/x, or an experiment moved, hold the same cells
     return {**saved, "out": None} == {**now, "out": None}
 
@@ -219,8 +240,8 @@ def query(exp_dir: str | Path, where: list[str] = (), sort: str | None = None) -
             raise PeftlabError(f"--where key '{key}' is not a column or a setting name")
         if value.startswith("="):
             raise PeftlabError(f"--where '{w}': write one '=' (e.g. {key}={value.lstrip('=')})")
-        if col is None and not db.execute(f"SELECT 1 FROM runs WHERE json_extract(params, '$.{key}') IS NOT NULL "
-                                          "LIMIT 1").fetchone():
+        if col is None and db.execute("SELECT 1 FROM runs LIMIT 1").fetchone() and not db.execute(
+                f"SELECT 1 FROM runs WHERE json_extract(params, '$.{key}') IS NOT NULL LIMIT 1").fetchone():
             raise PeftlabError(f"--where '{key}': no run here sets '{key}' (the columns: "
                                f"{', '.join(c for c in COLUMNS if c != 'record')}, or a setting a grid varies)")
         clauses.append(f"{col} = ?" if col else f"json_extract(params, '$.{key}') = ?")
@@ -255,7 +276,7 @@ def icl_cell(cell: Cell) -> dict:
         "peak_memory_mb": mem.peak_mb, "wall_time_s": time.perf_counter() - t0, "run_dir": str(cell.run_dir),
         "versions": versions(), "machine": machine(),
     }
-    save_json(cell.run_dir / CONFIG, dataclasses.asdict(cfg))
+    save_json(cell.run_dir / CONFIG, dataclasses.asdict(cfg.portable()))
     save_json(cell.run_dir / METRICS, record)
     return record
 
@@ -307,7 +328,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None, progress: bo
                     (c.run_dir / METRICS).unlink()
                 # an interrupted cell continues from its checkpoint
                 record = icl_cell(c) if c.config.method == "icl" else \
-                    train_run(c.config, progress=False, resume=same_config(c))
+                    train_run(c.config, progress=False, resume=same_config(c), check_settings=False)
                 upsert(db, index_row(c, record))
                 status[c.id] = "done"
             except PeftlabError as e:

@@ -59,6 +59,13 @@ class Backbone:
     arch: Arch
 
 
+def same_model(a: str, b: str) -> bool:
+    """Two model names or paths naming the same model (paths compared resolved: `./m`, `/abs/m`)."""
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
 def peftlab_home() -> Path:
     return Path(os.environ.get("PEFTLAB_HOME", "~/.cache/peftlab")).expanduser()
 

@@ -21,6 +21,7 @@ from peftlab.methods import Method, Mix
 from peftlab.methods.adapters import Adapters
 from peftlab.methods.ia3 import IA3
 from peftlab.methods.lora import Lora
+from peftlab.models import same_model
 from peftlab.methods.prefix import PrefixTuning
 from peftlab.methods.prompt import PromptTuning
 
@@ -109,13 +110,6 @@ def _check_adapter_dir(path: Path) -> None:
         raise PeftlabError(f"'{path}' has no {WEIGHTS}; give a PEFT adapter folder ({CONFIG} + {WEIGHTS})")
 
 
-def _same_base(a: str, b: str) -> bool:
-    """Two model names or paths naming the same base (paths compared resolved)."""
-    if Path(a).exists() and Path(b).exists():
-        return Path(a).resolve() == Path(b).resolve()
-    return a.rstrip("/") == b.rstrip("/")
-
-
 def load_adapter(path: str | Path, model: nn.Module, backbone_model: nn.Module, base: str | None = None) -> Method:
     """Apply the adapter in `path` (PEFT layout) to `model` and load its weights; returns the method.
 
@@ -128,7 +122,7 @@ def load_adapter(path: str | Path, model: nn.Module, backbone_model: nn.Module, 
     if not isinstance(cfg, dict):
         raise PeftlabError(f"'{path / CONFIG}' holds a JSON {type(cfg).__name__}, not an object; re-export the adapter")
     theirs_base = cfg.get("base_model_name_or_path")
-    if base and isinstance(theirs_base, str) and theirs_base and not _same_base(base, theirs_base):
+    if base and isinstance(theirs_base, str) and theirs_base and not same_model(base, theirs_base):
         raise PeftlabError(f"the adapter in '{path}' was trained on '{theirs_base}', not on '{base}'; load it onto "
                            f"'{theirs_base}' (its base_model_name_or_path)")
     weights = load_weights(path / WEIGHTS)

@@ -33,7 +33,7 @@ from peftlab.generation import GenTask, Pairs, collate_pairs, encode_pairs, eval
 from peftlab.heads import Classifier, LanguageModel
 from peftlab.measure import PeakMemory, count_params, machine, versions
 from peftlab.methods import parse_method, positions, set_trainable, trainable_names, unread_args
-from peftlab.models import Backbone, load_backbone
+from peftlab.models import Backbone, load_backbone, same_model
 from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join, learning_tasks, multi_metrics, \
     plan_batches
 from peftlab.runconfig import RunConfig
@@ -140,13 +140,16 @@ def prepare(cfg: RunConfig, backbone: Backbone | None = None, transfer: bool = T
     return Prepared(backbone, model, task, data, trainable, cfg.train.lr or method.default_lr, carried)
 
 
-def _warn_unread(cfg: RunConfig) -> None:
-    """Settings this run would ignore: said once, before any work."""
+def warn_unread(cfg: RunConfig, methods: list[str] | None = None) -> None:
+    """Settings the run would ignore (with `methods`: that every one of them ignores, as compare
+    runs them): said once, before any work."""
     flag = lambda name: "--" + name.replace("_", "-")
-    unread = [] if cfg.method.endswith((".yaml", ".yml")) else unread_args(parse_method(cfg.method, cfg.method_args),
-                                                                             cfg.method_args)
+    specs = [m for m in (methods or [cfg.method]) if not m.endswith((".yaml", ".yml"))]
+    each = [unread_args(parse_method(m, cfg.method_args), cfg.method_args) for m in specs]
+    unread = [n for n in (each[0] if each else []) if all(n in e for e in each)]
     if unread:
-        warnings.warn(f"{', '.join(map(flag, unread))} set, but method '{cfg.method}' does not use "
+        who = f"method '{cfg.method}' does not" if methods is None else f"none of {', '.join(methods)}"
+        warnings.warn(f"{', '.join(map(flag, unread))} set, but {who} use{'s' if methods else ''} "
                       f"{'it' if len(unread) == 1 else 'them'}")
     if cfg.label_words and cfg.head != "label-words":
         warnings.warn("--label-words set, but only --head label-words scores label words (the head is linear)")
@@ -175,7 +178,7 @@ def load_transfer(model: torch.nn.Module, cfg: RunConfig) -> list[str]:
     if not (src / METRICS).is_file():
         raise PeftlabError(f"--init-from '{src}' is not a finished run (no {METRICS}); train it to the end first")
     record = load_json(src / METRICS)
-    if record.get("model") != cfg.model:
+    if not same_model(str(record.get("model")), cfg.model):
         raise PeftlabError(f"--init-from '{src}' was trained on '{record.get('model')}', but this run uses "
                            f"'{cfg.model}'; transfer needs the same base model")
     src_tasks = list(record["tasks"]) if record.get("kind") == "multitask" else [record["task"]]
@@ -244,15 +247,17 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: bool = True,
-              resume: bool = False) -> dict:
+              resume: bool = False, check_settings: bool = True) -> dict:
     """Train and evaluate one run; write its directory. Returns the metrics record.
 
     resume: continue from the run directory's checkpoint when it has one (else start afresh).
+    check_settings: warn about settings the method ignores (callers that run many configs warn once).
     Under torchrun every process calls this; rank 0 alone writes the run directory.
     """
     parallel.init()
     tune_allocator()  # before the feature cache and evaluations, not only the training loop
-    _warn_unread(cfg)
+    if check_settings:
+        warn_unread(cfg)
     main = parallel.is_main()
     out = Path(cfg.out) if cfg.out else parallel.gather_objects(default_run_dir(cfg))[0]  # rank 0's name
     created = main and not out.exists()

@@ -2,6 +2,7 @@
 CLI flag, and config.json in a run directory holds one)."""
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -100,7 +101,8 @@ class RunConfig:
         from peftlab.models import EMBEDDED
 
         def absolute(name: str | None, names) -> str | None:
-            return str(Path(name).resolve()) if name and name not in names and Path(name).exists() else name
+            # absolute, not resolved: a symlinked task folder keeps its name (it names the task's head)
+            return os.path.abspath(name) if name and name not in names and Path(name).exists() else name
         tasks = ",".join(absolute(t.strip(), {*TASKS, *GEN_TASKS}) for t in self.task.split(","))
         return dataclasses.replace(self, task=tasks, model=absolute(self.model, EMBEDDED),
                                    init_from=absolute(self.init_from, ()))

@@ -23,7 +23,7 @@ def resume_run(run_dir: str | Path, *, progress: bool = True, skip_nonfinite: bo
     cfg = RunConfig.from_dict(load_json(run_dir / CONFIG), f"'{run_dir / CONFIG}'")
     cfg.out = str(run_dir)
     cfg.train.skip_nonfinite = cfg.train.skip_nonfinite or skip_nonfinite
-    return train_run(cfg, progress=progress, resume=True)
+    return train_run(cfg, progress=progress, resume=True, check_settings=False)  # said when it began
 
 
 def is_run(path: str | Path) -> bool:
@@ -51,6 +51,9 @@ def load_run(run_dir: str | Path, backbone: Backbone | None = None) -> tuple[Run
     if not is_run(run_dir):
         raise PeftlabError(f"'{run_dir}' is a model directory (a Hugging Face {CONFIG}), not a peftlab run; use it as "
                            f"a model: --model {run_dir} (or `peftlab generate {run_dir}`)")
+    if not (run_dir / WEIGHTS).is_file() and load_json(run_dir / CONFIG).get("method") == "icl":
+        raise PeftlabError(f"'{run_dir}' is an in-context cell: it trains nothing, so there is no model to load; its "
+                           f"metrics are in {run_dir / METRICS}")
     if not (run_dir / WEIGHTS).is_file():
         raise PeftlabError(f"'{run_dir}' has no trained weights yet (an unfinished run); continue it with "
                            f"`peftlab train --resume {run_dir}`")

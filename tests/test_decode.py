@@ -80,7 +80,7 @@ def test_decoding_stops_where_learned_positions_run_out(spec):
     ids = torch.randint(100, 1000, (2, 505 - virtual))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # a shorter, left-padded row: the longest decides
-    with pytest.warns(UserWarning, match="at most 7 new tokens, not 20"):
+    with pytest.warns(UserWarning, match="gpt2's learned positions run out before 20 new tokens"):
         assert generate(m, ids, mask, 20).shape == (2, 7)  # 505 + 7 = 512 positions, not an IndexError
     with pytest.raises(PeftlabError, match=f"a prompt takes 512 of gpt2's 512 positions.*--max-length {511 - virtual}"):
         generate(m, torch.randint(100, 1000, (1, 512 - virtual)), torch.ones(1, 512 - virtual, dtype=torch.long), 5)

@@ -8,7 +8,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -133,11 +133,23 @@ def _unfinished_run(c: Ctx) -> str:
     return str(run)
 
 
-def _empty_index(c: Ctx) -> str:
+def _index(c: Ctx) -> str:
+    """An experiment index holding one run that varied lr."""
     from peftlab.lab import connect
 
-    connect(c.tmp).close()
+    db = connect(c.tmp)
+    db.execute("INSERT INTO runs (id, status, params) VALUES ('r', 'done', '{\"lr\": 0.001}')")
+    db.commit()
+    db.close()
     return str(c.tmp)
+
+
+def _icl_cell(c: Ctx) -> str:
+    run = c.run_copy()
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "method": "icl"}))
+    (run / "trainable.safetensors").unlink()
+    return str(run)
 
 
 def _corrupt_index(c: Ctx) -> str:
@@ -322,10 +334,12 @@ CASES = [
          ("is a model directory (a Hugging Face config.json), not a peftlab run", "use it as a model: --model")),
     Case("eval-an-unfinished-run", lambda c: ["eval", _unfinished_run(c)],
          ("has no trained weights yet (an unfinished run)", "peftlab train --resume")),
+    Case("eval-an-in-context-cell", lambda c: ["eval", _icl_cell(c)],
+         ("is an in-context cell: it trains nothing, so there is no model to load", "metrics are in")),
     Case("merge-into-a-run", lambda c: ["merge", str(c.run_copy()), "--out", str(c.tmp / "run")],
          ("is a run directory; writing there would overwrite its files", "give a new --out")),
     Case("compare-a-method-twice", lambda c: ["compare", "--model", "tiny-gpt2", "--task", folder(c.tmp),
-                                              "--methods", "head,lora,head", "--out", str(c.tmp / "cmp")],
+                                              "--methods", "head,lora, head", "--out", str(c.tmp / "cmp")],
          ("--methods names 'head' twice", "give each method once")),
     Case("experiment-misspelled-key", lambda c: ["run", put(c.tmp, "e.yaml", "grids: {method: [head]}\n")],
          ("has unknown key(s) ['grids']", "did you mean 'grid'?")),
@@ -337,9 +351,9 @@ CASES = [
          ("'shots' applies to method icl only", "a grid of its own with method: [icl]")),
     Case("runs-corrupt-index", lambda c: ["runs", _corrupt_index(c)],
          ("index.sqlite' is not a readable index", "delete it and re-run the experiment")),
-    Case("runs-where-double-equals", lambda c: ["runs", _empty_index(c), "--where", "seed==0"],
+    Case("runs-where-double-equals", lambda c: ["runs", _index(c), "--where", "seed==0"],
          ("--where 'seed==0': write one '='", "seed=0")),
-    Case("runs-where-unknown-setting", lambda c: ["runs", _empty_index(c), "--where", "lora_rr=4"],
+    Case("runs-where-unknown-setting", lambda c: ["runs", _index(c), "--where", "lora_rr=4"],
          ("no run here sets 'lora_rr'", "or a setting a grid varies")),
     Case("missing-run-directory", lambda c: ["eval", str(c.tmp / "nope")],
          ("run directory", "nope' does not exist", "check the path")),
@@ -532,3 +546,26 @@ def test_peft_adapter_with_other_shapes_is_refused(tmp_path):
     b, m = _fresh("tiny-gpt2")
     with pytest.raises(PeftlabError, match=r"has shape \(4, 64\), the model expects \(8, 64\)"):
         load_adapter(adapter, m, b.model, base="tiny-gpt2")
+
+
+def test_the_python_api_checks_types_and_takes_numpy_numbers_and_paths():
+    import numpy as np
+
+    from peftlab import RunConfig, TrainArgs
+    from peftlab.decode import Sampling
+    from peftlab.methods import MethodArgs
+
+    for make, message in [(lambda: TrainArgs(epochs="2"), "TrainArgs: 'epochs' must be int, got '2'"),
+                          (lambda: TrainArgs(batch_size=16.5), "'batch_size' must be int, got 16.5"),
+                          (lambda: RunConfig(task=3), "RunConfig: 'task' must be str, got 3"),
+                          (lambda: RunConfig(train={"epoch": 2}), "unknown setting(s) ['epoch']; did you mean 'epochs'?"),
+                          (lambda: MethodArgs(lora_r="8"), "'lora_r' must be int, got '8'"),
+                          (lambda: Sampling(top_p="0.9"), "'top_p' must be float, got '0.9'")]:
+        with pytest.raises(PeftlabError) as e:
+            make()
+        assert message in str(e.value)
+    cfg = RunConfig(seed=np.int64(1), out=Path("runs/x"), train=TrainArgs(lr=np.float32(0.5), batch_size=16.0),
+                    method_args=MethodArgs(lora_r=np.int64(4)))
+    values = (cfg.seed, cfg.out, cfg.train.lr, cfg.train.batch_size, cfg.method_args.lora_r)
+    assert values == (1, "runs/x", 0.5, 16, 4) and [type(v) for v in values] == [int, str, float, int, int]
+    json.dumps(asdict(cfg))  # plain values: config.json stays loadable

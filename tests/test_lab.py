@@ -55,17 +55,17 @@ grid: {{method: [head, last-1, bias], seed: [0]}}
     def killed_in_validation(*a, **k):  # the second cell dies as a killed process would, its batches done
         raise KeyboardInterrupt
 
-    def interrupted(cfg, progress, resume):
+    def interrupted(cfg, progress, resume, **kw):
         calls.append(cfg.method)
         monkeypatch.setattr(peftlab.run, "evaluate_split", killed_in_validation if cfg.method == "last-1" else evaluate)
-        return real(cfg, progress=progress, resume=resume)
+        return real(cfg, progress=progress, resume=resume, **kw)
     monkeypatch.setattr(peftlab.lab, "train_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(path, tmp_path / "exp", progress=False)
     assert calls == ["head", "last-1"]
     monkeypatch.setattr(peftlab.run, "evaluate_split", evaluate)
-    monkeypatch.setattr(peftlab.lab, "train_run", lambda cfg, progress, resume: (calls.append(cfg.method),
-                                                                               real(cfg, progress=progress, resume=resume))[1])
+    monkeypatch.setattr(peftlab.lab, "train_run", lambda cfg, progress, resume, **kw: (
+        calls.append(cfg.method), real(cfg, progress=progress, resume=resume, **kw))[1])
     rows = run_experiment(path, tmp_path / "exp", progress=False)
     assert calls == ["head", "last-1", "last-1", "bias"]  # head was not re-run
     assert [r["resumes"] for r in map(lambda r: json.loads(r["record"]), rows) if r["method"] == "last-1"] == [1]
@@ -222,12 +222,35 @@ def test_a_run_on_relative_paths_reads_back_from_elsewhere(tmp_path, monkeypatch
 
     write_toy_task(tmp_path / "work" / "toy", (40, 10, 10))
     monkeypatch.chdir(tmp_path / "work")
-    path = write(tmp_path / "work" / "e.yaml", "defaults: {model: tiny-gpt2, task: toy, epochs: 1, cache_features: off, bucket: on}\n"
-                                               "grid: {method: [head]}\n")
-    (row,) = run_experiment(path, tmp_path / "work" / "exp", progress=False)
-    saved = json.loads((tmp_path / "work" / "exp" / "runs" / row["id"] / "config.json").read_text())
+    path = write(tmp_path / "work" / "e.yaml", "defaults: {model: tiny-llama, task: toy, epochs: 1, cache_features: off, bucket: on}\n"
+                                               "grid: [{method: [head]}, {method: [icl], shots: [0]}]\n")
+    rows = run_experiment(path, tmp_path / "work" / "exp", progress=False)
+    run = tmp_path / "work" / "exp" / "runs" / next(r["id"] for r in rows if r["method"] == "head")
+    saved = json.loads((run / "config.json").read_text())
     assert saved["task"] == str(tmp_path / "work" / "toy")
-    (again,) = run_experiment(path, tmp_path / "work" / "exp", progress=False)
-    assert again["wall_time_s"] == row["wall_time_s"]  # finished: not trained again
+    assert run_experiment(path, tmp_path / "work" / "exp", progress=False) == rows  # both finished: none re-run
+    (run / "config.json").write_text(json.dumps({**saved, "task": "toy"}))  # as saved before paths were absolute
+    assert run_experiment(path, tmp_path / "work" / "exp", progress=False) == rows
     monkeypatch.chdir(tmp_path)
-    assert main(["eval", str(tmp_path / "work" / "exp" / "runs" / row["id"])]) == 0
+    (run / "config.json").write_text(json.dumps(saved))
+    assert main(["eval", str(run)]) == 0
+
+
+def test_portable_paths_keep_a_symlinked_task_s_name(tmp_path, monkeypatch):
+    from peftlab.runconfig import RunConfig
+
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "current").symlink_to(tmp_path / "v3")
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig(task="current,sst2", model="tiny-gpt2").portable()
+    assert cfg.task == f"{tmp_path / 'current'},sst2" and cfg.model == "tiny-gpt2"  # the name heads are keyed by
+
+
+def test_settings_a_sweep_gives_to_methods_that_ignore_them_are_named(tmp_path):
+    path = write(tmp_path / "e.yaml", "defaults: {model: tiny-gpt2, virtual_tokens: 5}\n"
+                                      "grid: {method: [head, lora], lora_r: [4, 16]}\n")
+    with pytest.warns(UserWarning) as caught:
+        Experiment.load(path).cells(tmp_path / "exp")
+    assert sorted(str(w.message) for w in caught) == [
+        "experiment 'e': 'lora_r' is swept over method(s) head, which do not use it: those cells repeat one run",
+        "experiment 'e': 'virtual_tokens' in defaults is used by none of its methods"]

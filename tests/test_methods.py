@@ -157,9 +157,25 @@ def test_only_trainable_parameters_change(model_name, spec):
     ("lora+last-1", {"lora_targets": "c_attn", "prefix_init": "random"}, ["prefix_init"]),
     ("mam", {"virtual_tokens": 5, "adapter_reduction": 8, "prefix_projection": 16}, []),
     ("prompt", {"prompt_init": "random", "prefix_projection": 16}, ["prefix_projection"]),
+    ("mam", {"adapter": "houlsby", "adapter_reduction": 8, "adapter_at": "attn"}, ["adapter", "adapter_at"]),
 ])
 def test_settings_no_part_of_the_method_reads_are_named(spec, changed, unread):
     from peftlab.methods import MethodArgs, unread_args
 
     args = MethodArgs(**changed)
     assert unread_args(parse_method(spec, args), args) == unread
+
+
+def test_compare_warns_once_about_settings_none_of_its_methods_use():
+    import warnings
+
+    from peftlab.methods import MethodArgs
+    from peftlab.run import warn_unread
+    from peftlab.runconfig import RunConfig
+
+    cfg = RunConfig(method_args=MethodArgs(lora_r=4, virtual_tokens=5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_unread(cfg, ["head", "lora", "prompt"])  # each setting is used by one of them
+        warn_unread(cfg, ["head", "lora"])
+    assert [str(w.message) for w in caught] == ["--virtual-tokens set, but none of head, lora uses it"]

@@ -162,6 +162,8 @@ def unread_args(method: Method, args: MethodArgs) -> list[str]:
     """Settings changed from their defaults that no part of `method` reads (`--lora-r 4` on a
     head run): worth a warning, since the user meant something that will not happen."""
     prefixes = tuple(x for p in getattr(method, "parts", [method]) for x in READS.get(type(p), ()))
+    if getattr(method, "name", None) == "mam":  # a fixed parallel FFN adapter: placement and sites are its own
+        prefixes = ("virtual_tokens", "prefix_", "adapter_reduction", "adapter_scaling")
     default = MethodArgs()
     return [f.name for f in dataclasses.fields(args)
             if getattr(args, f.name) != getattr(default, f.name) and not f.name.startswith(prefixes or ("\0",))]
