@@ -3,6 +3,7 @@
 Only safetensors and JSON/YAML (safe loader) are ever read back: nothing here unpickles.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -107,6 +108,18 @@ def load_yaml(path: str | Path, what: str = "file"):
     import yaml
 
     return _parse(path, yaml.safe_load, yaml.YAMLError, "YAML", f"{what} '{{path}}' does not exist")
+
+
+@contextlib.contextmanager
+def no_empty_folder(folder: Path, fresh: bool):
+    """If the block fails and leaves `folder` empty, remove it when it is new (`fresh`): a run
+    refused before it began leaves nothing behind."""
+    try:
+        yield
+    except BaseException:
+        if fresh and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
 
 
 def read_utf8(path: Path) -> str:

@@ -7,16 +7,19 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from peftlab.checkpoint import save_json
+from peftlab.checkpoint import no_empty_folder, save_json
 from peftlab.errors import PeftlabError
+from peftlab.lab import Cell, connect, index_row, upsert
 from peftlab.measure import fmt_params
 from peftlab.methods import parse_method
+from peftlab.report import write_report
 from peftlab.run import default_run_dir, train_run, warn_unread
 from peftlab.runconfig import RunConfig
 
 
 def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[dict]:
-    """Run every method with the same settings; write compare.json and compare.md under cfg.out.
+    """Run every method with the same settings; write compare.json and compare.md under cfg.out,
+    and index the runs there as an experiment's are, with its report (report.html, plots/*.png).
 
     Each method loads a fresh backbone (cheap once cached), so no run sees another's weights.
     """
@@ -29,15 +32,21 @@ def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[d
                            "(for repeats, use an experiment file with seeds)")
     warn_unread(cfg, methods)
     out = Path(cfg.out) if cfg.out else default_run_dir(dataclasses.replace(cfg, method="compare"))
-    records = []
-    for m in methods:
-        if progress:
-            Console(stderr=True).rule(f"[bold]{m}")
-        run_dir = out / m.replace("+", "_")
-        records.append(train_run(dataclasses.replace(cfg, method=m, out=str(run_dir)), progress=progress,
-                                 check_settings=False))
+    records, cells = [], []
+    with no_empty_folder(out, not out.exists()):
+        for m in methods:
+            if progress:
+                Console(stderr=True).rule(f"[bold]{m}")
+            run_dir = out / m.replace("+", "_")
+            cells.append(Cell({"method": m}, dataclasses.replace(cfg, method=m, out=str(run_dir)), run_dir))
+            records.append(train_run(cells[-1].config, progress=progress, check_settings=False))
     save_json(out / "compare.json", records)
     (out / "compare.md").write_text(markdown_table(records))
+    db = connect(out)  # `peftlab runs` and `peftlab report` read it as an experiment's
+    for cell, record in zip(cells, records):
+        upsert(db, index_row(cell, record))
+    db.close()
+    write_report(out)
     return records
 
 

@@ -1,11 +1,11 @@
 """Continuing prompts: a trained generation run (prompts framed as in its training data) or a
 plain model (prompts as given), batched or streamed token by token to a terminal."""
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
-import warnings
 
 import torch
 
@@ -94,7 +94,7 @@ def load_generator(source: str | Path, *, chat: bool = False) -> Generator:
             raise PeftlabError(f"'{source}' is a classification run; evaluate it with `peftlab eval`")
         tok, task = p.backbone.tokenizer, p.task
         sep = (p.model.head.id,) if cfg.sep_token else ()
-        context = p.backbone.model.config.max_position_embeddings - sum(virtual_tokens(p.model))
+        context = getattr(p.backbone.model.config, "max_position_embeddings", 1 << 30) - sum(virtual_tokens(p.model))
         frame = lambda prompts, n: encode_pairs(prompts, [""] * len(prompts), tok, cfg.template or task.template,
                                                 min(cfg.max_length, max(context - n, 1)), keep_end=task.keep_end,
                                                 sep_ids=sep, chat=cfg.chat, with_targets=False)  # as in training

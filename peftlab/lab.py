@@ -20,8 +20,8 @@ import json
 import sqlite3
 import sys
 import time
-import warnings
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -21,9 +21,9 @@ from peftlab.methods import Method, Mix
 from peftlab.methods.adapters import Adapters
 from peftlab.methods.ia3 import IA3
 from peftlab.methods.lora import Lora
-from peftlab.models import same_model
 from peftlab.methods.prefix import PrefixTuning
 from peftlab.methods.prompt import PromptTuning
+from peftlab.models import same_model
 
 CONFIG, WEIGHTS, HEAD = "adapter_config.json", "adapter_model.safetensors", "head.safetensors"
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from peftlab import parallel
 from peftlab.batching import Encoded, encode
 from peftlab.checkpoint import atomic_write_text, check_free_space, load_checkpoint, load_json, load_weights, \
-    save_checkpoint, save_json, save_weights
+    no_empty_folder, save_checkpoint, save_json, save_weights
 from peftlab.data import Task, load_task, per_class, subset
 from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, build_caches, cut_point
@@ -260,19 +260,15 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         warn_unread(cfg)
     main = parallel.is_main()
     out = Path(cfg.out) if cfg.out else parallel.gather_objects(default_run_dir(cfg))[0]  # rank 0's name
-    created = main and not out.exists()
+    fresh = parallel.gather_objects(not out.exists())[0]  # rank 0's view, before any process makes it
     _check_writable(out)
     ckpt_path = out / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     t_start = time.perf_counter()
     with PeakMemory() as mem:
-        try:
+        with no_empty_folder(out, fresh and main):
             p = prepare(cfg, backbone)
             _check_space(out, p)
-        except BaseException:
-            if created and not any(out.iterdir()):
-                out.rmdir()  # a run refused before it began leaves no empty folder behind
-            raise
         if main:
             save_json(out / CONFIG, dataclasses.asdict(cfg.portable()))
         strategy = parallel.resolve(cfg.train.parallel, p.model)

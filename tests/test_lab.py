@@ -201,7 +201,7 @@ def test_cost_is_relative_to_full_fine_tuning_of_the_same_model_and_task():
     groups = group([row("a", "t", "full", 10, 1000, 4), row("a", "t", "lora", 5, 250, 1),
                     row("b", "t", "full", 40, 2000, 8), row("b", "t", "lora", 10, 1000, 2),
                     row("a", "u", "lora", 1, 1, 1)])  # no full run for task u: no row
-    cols, rows = cost_table(groups)
+    _, rows = cost_table(groups)
     by = {(g["settings"]["model"], g["label"]): r for g, r in zip([g for g in groups if g["settings"]["task"] == "t"], rows)}
     assert by["a", "lora"][2:] == ["0.50x", "0.25x", "0.25x"]
     assert by["b", "lora"][2:] == ["0.25x", "0.25x", "0.50x"] and by["b", "full"][2:] == ["1.00x"] * 3

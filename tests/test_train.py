@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from peftlab.cli import main
+from peftlab.lab import query
 from peftlab.run import train_run
 from peftlab.runconfig import RunConfig
 from peftlab.saved import eval_run
@@ -107,6 +108,9 @@ def test_cli_train_eval_and_compare(toy_task, tmp_path, capsys):
                  "--epochs", "1", "--out", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out
     assert "head" in table and "last-1" in table and (tmp_path / "cmp" / "compare.md").is_file()
+    page = (tmp_path / "cmp" / "report.html").read_text()  # the runs indexed and reported as an experiment's
+    assert page.count("data:image/png;base64,") == 3 and "last-1" in page
+    assert sorted(r["method"] for r in query(tmp_path / "cmp", ["status=done"])) == ["head", "last-1"]
 
 
 @pytest.mark.parametrize("argv,message", [
