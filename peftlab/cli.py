@@ -39,7 +39,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, .
         flag = {"nargs": "?", "const": True} if tp is bool else {}  # a bare --chat means --chat true
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_bool if tp is bool else tp,
                             default=default, choices=choices, metavar=None if choices else tp.__name__.upper(), **flag,
-                            help=f"{f.metadata.get('help', '')} (default: {default})")
+                            help=f.metadata.get("help", "") + ("" if "default" in f.metadata.get("help", "")
+                                                               else f" (default: {default})"))
 
 
 def _pick(ns: argparse.Namespace, cls) -> dict:
@@ -229,7 +230,8 @@ def cmd_compare(args) -> None:
         raise PeftlabError("--methods is empty; give comma-separated specs such as head,last-1,full")
     records = compare(config_from_args(args, method=methods[0]), methods)
     print_table(records)
-    print(f"results: {records[0]['run_dir'].rsplit('/', 1)[0]}/compare.md")
+    where = records[0]['run_dir'].rsplit('/', 1)[0]
+    print(f"results: {where}/compare.md; report with plots: {where}/report.html")
 
 
 def cmd_eval(args) -> None:

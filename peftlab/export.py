@@ -1,6 +1,7 @@
 """Getting trained work out of a run directory: as a PEFT-layout adapter, or merged into a
 plain transformers model that loads with `AutoModel*.from_pretrained` and no peftlab."""
 
+import shutil
 from pathlib import Path
 
 from torch import nn
@@ -47,10 +48,17 @@ def merge_run(run_dir: str | Path, out: str | Path) -> Path:
     if extra:
         raise PeftlabError(f"'{cfg.method}' adds modules that do not fold into the base weights ({', '.join(extra)}); "
                            "use `peftlab export` for an adapter instead")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise PeftlabError(f"'{out}' already exists and is not empty; give merge a new --out (or delete it)")
     merge(p.model)
     unwrap(p.model.body)
-    out = Path(out)
-    p.backbone.model.save_pretrained(out)
-    p.backbone.tokenizer.save_pretrained(out)
-    save_weights(out / "head.safetensors", {k: v for k, v in p.model.head.state_dict().items()})
+    partial = out.with_name(f".{out.name}.partial")  # renamed when whole: a failed merge leaves no half model
+    shutil.rmtree(partial, ignore_errors=True)
+    p.backbone.model.save_pretrained(partial)
+    p.backbone.tokenizer.save_pretrained(partial)
+    save_weights(partial / "head.safetensors", {k: v for k, v in p.model.head.state_dict().items()})
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
     return out

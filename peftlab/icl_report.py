@@ -19,7 +19,8 @@ def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     names, scale = list(records[0]["metrics"]), _scale(records[0])
     cols = ["k", "draws", *names, "tokens/prompt", "seconds"]
     rows = [[str(r["k"]), str(len(r["values"])),
-             *[f"{scale * r['metrics'][m]['mean']:.1f} ± {scale * r['metrics'][m]['std']:.1f}" for m in names],
+             *[f"{scale * r['metrics'][m]['mean']:.1f}" + (f" ± {scale * r['metrics'][m]['std']:.1f}"
+                                                          if len(r["values"]) > 1 else "") for m in names],
              f"{r['prompt_tokens']:.0f}", f"{r['seconds']:.1f}"] for r in records]
     return cols, rows
 

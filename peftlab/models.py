@@ -148,7 +148,8 @@ def _from_pretrained(name: str, trust_remote_code: bool) -> tuple[PreTrainedMode
         raise PeftlabError(f"cannot load the weights of model '{name}' ({first_line(e)}); peftlab loads "
                            "safetensors weights only: check that the model has model.safetensors") from e
     try:
-        return model, AutoTokenizer.from_pretrained(name, **kw)
+        # not dtype: the tokenizer would keep it in its init kwargs, which save_pretrained cannot write
+        return model, AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise PeftlabError(f"cannot load the tokenizer of model '{name}' ({first_line(e)}); save it beside the "
                            "model with the tokenizer's save_pretrained") from e

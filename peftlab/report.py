@@ -218,6 +218,9 @@ def _html_table(cols: list[str], rows: list[list[str]]) -> str:
 COST_NOTE = ("Runs with a frozen bottom (head, last-N) train and evaluate from cached features, so their time "
              "is what this experiment paid, not what serving the model from raw text costs.")
 
+NO_FULL = ("No full fine-tuning run of the same model and task here to compare with: add method full to "
+           "see each method's training time, test-set time and memory relative to it.")
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f0f3f7}td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.5em 0}
@@ -250,6 +253,8 @@ def write_report(exp_dir: str | Path) -> tuple[Path, Path]:
           "## Results\n", _md_table(cols, table)]
     if cost:
         md += ["## Cost relative to full fine-tuning (measured)\n", COST_NOTE + "\n", _md_table(*cost)]
+    else:
+        md += ["## Cost relative to full fine-tuning\n", NO_FULL + "\n"]
     md += [f"## {name}\n\n![{name}]({PLOTS}/{p.name})\n" for name, p in plots.items()]
     md += ["## Runs\n", _md_table(run_cols, runs)]
     md_path = exp_dir / "report.md"
@@ -262,6 +267,8 @@ def write_report(exp_dir: str | Path) -> tuple[Path, Path]:
     if cost:
         body += ["<h2>Cost relative to full fine-tuning (measured)</h2>", f"<p class=small>{COST_NOTE}</p>",
                  _html_table(*cost)]
+    else:
+        body += ["<h2>Cost relative to full fine-tuning</h2>", f"<p class=small>{NO_FULL}</p>"]
     body += [f"<h2>{html.escape(name)}</h2>{img(p)}" for name, p in plots.items()]
     body += ["<h2>Runs</h2>", _html_table(run_cols, runs)]
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"

@@ -338,6 +338,8 @@ CASES = [
          ("is an in-context cell: it trains nothing, so there is no model to load", "metrics are in")),
     Case("merge-into-a-run", lambda c: ["merge", str(c.run_copy()), "--out", str(c.tmp / "run")],
          ("is a run directory; writing there would overwrite its files", "give a new --out")),
+    Case("merge-into-a-non-empty-folder", lambda c: ["merge", str(c.run_copy()), "--out", folder(c.tmp)],
+         ("toy' already exists and is not empty", "give merge a new --out")),
     Case("compare-a-method-twice", lambda c: ["compare", "--model", "tiny-gpt2", "--task", folder(c.tmp),
                                               "--methods", "head,lora, head", "--out", str(c.tmp / "cmp")],
          ("--methods names 'head' twice", "give each method once")),

@@ -30,6 +30,26 @@ def test_merge_writes_a_plain_transformers_model(method, toy_task, tmp_path):
     assert (tmp_path / "merged" / "head.safetensors").is_file()
 
 
+def test_merge_of_a_model_loaded_from_a_folder_writes_a_loadable_tokenizer(toy_task, tmp_path):
+    """Models from a folder, the hub or the embedded packages load through from_pretrained, whose
+    tokenizer must save (a dtype kwarg once broke save_pretrained: merge died half-written)."""
+    from transformers import AutoTokenizer
+
+    from peftlab.models import load_backbone
+
+    b = load_backbone("tiny-llama")
+    b.model.save_pretrained(tmp_path / "base")
+    b.tokenizer.save_pretrained(tmp_path / "base")
+    cfg = RunConfig(model=str(tmp_path / "base"), task=toy_task, method="lora", train_limit=32, eval_limit=16,
+                    out=str(tmp_path / "run"), train=TrainArgs(epochs=1, batch_size=16))
+    train_run(cfg, progress=False)
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert tok("apple pie")["input_ids"] == b.tokenizer("apple pie")["input_ids"]
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 2  # not over a model
+    assert not list(tmp_path.glob(".*partial"))
+
+
 def test_merge_refuses_changes_that_do_not_fold(toy_task, tmp_path, capsys):
     run = tiny_run(toy_task, tmp_path / "run", "prompt")
     assert main(["merge", str(run), "--out", str(tmp_path / "m")]) == 2
