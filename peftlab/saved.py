@@ -29,9 +29,10 @@ def resume_run(run_dir: str | Path, *, progress: bool = True, skip_nonfinite: bo
 def is_run(path: str | Path) -> bool:
     """A peftlab run folder (its config.json names a task and a method), not a model folder."""
     f = Path(path, CONFIG)
-    if not f.is_file():
-        return False
-    config = load_json(f)
+    return f.is_file() and _is_run_config(load_json(f))
+
+
+def _is_run_config(config) -> bool:
     return isinstance(config, dict) and "task" in config and "method" in config
 
 
@@ -48,16 +49,17 @@ def load_run(run_dir: str | Path, backbone: Backbone | None = None) -> tuple[Run
         raise PeftlabError(f"run directory '{run_dir}' does not exist; check the path (peftlab train --out names it)")
     if not (run_dir / CONFIG).is_file():
         raise PeftlabError(f"'{run_dir}' is not a run directory (no {CONFIG}); give a folder written by peftlab train")
-    if not is_run(run_dir):
+    raw = load_json(run_dir / CONFIG)  # read once: what kind of folder, then the config itself
+    if not _is_run_config(raw):
         raise PeftlabError(f"'{run_dir}' is a model directory (a Hugging Face {CONFIG}), not a peftlab run; use it as "
                            f"a model: --model {run_dir} (or `peftlab generate {run_dir}`)")
-    if not (run_dir / WEIGHTS).is_file() and load_json(run_dir / CONFIG).get("method") == "icl":
-        raise PeftlabError(f"'{run_dir}' is an in-context cell: it trains nothing, so there is no model to load; its "
-                           f"metrics are in {run_dir / METRICS}")
     if not (run_dir / WEIGHTS).is_file():
+        if raw.get("method") == "icl":  # an experiment's in-context cell: a record, no model
+            raise PeftlabError(f"'{run_dir}' is an in-context cell: it trains nothing, so there is no model to load; "
+                               f"its metrics are in {run_dir / METRICS}")
         raise PeftlabError(f"'{run_dir}' has no trained weights yet (an unfinished run); continue it with "
                            f"`peftlab train --resume {run_dir}`")
-    cfg = RunConfig.from_dict(load_json(run_dir / CONFIG), f"'{run_dir / CONFIG}'")
+    cfg = RunConfig.from_dict(raw, f"'{run_dir / CONFIG}'")
     p = prepare(cfg, backbone, transfer=False)  # transferred tensors were saved with the run
     weights = load_weights(run_dir / WEIGHTS)
     missing = sorted(set(p.trainable) - set(weights))

@@ -90,6 +90,11 @@ class Mix:
 
     parts: list
     name: str
+    settings: tuple[str, ...] | None = None  # the MethodArgs it reads, where not simply its parts'
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return self.settings or tuple(x for p in self.parts for x in getattr(p, "reads", ()))
 
     @property
     def default_lr(self) -> float:
@@ -123,7 +128,9 @@ def parse_method(spec: str, args: MethodArgs | None = None) -> Method:
         return _parse_yaml(Path(spec), args)
     if spec == "mam":
         return Mix([PrefixTuning(args.virtual_tokens, args.prefix_projection, args.prefix_init),
-                    Adapters("parallel", args.adapter_reduction, args.adapter_scaling, "ffn")], "mam")
+                    Adapters("parallel", args.adapter_reduction, args.adapter_scaling, "ffn")], "mam",
+                   # a fixed parallel FFN adapter: placement and sites are its own
+                   settings=("virtual_tokens", "prefix_", "adapter_reduction", "adapter_scaling"))
     names = [s.strip() for s in re.split(r"\+(?!norm\b)", spec)]  # last-block+norm is one name
     if len(names) == 1:
         return _parse_one(spec, args)
@@ -153,17 +160,10 @@ def _parse_yaml(path: Path, args: MethodArgs) -> Method:
     return parts[0] if len(parts) == 1 else Mix(parts, "+".join(names))
 
 
-# the MethodArgs each method reads (by name prefix); the rest take none
-READS = {Lora: ("lora_", "rslora"), PromptTuning: ("virtual_tokens", "prompt_"),
-         PrefixTuning: ("virtual_tokens", "prefix_"), Adapters: ("adapter",)}
-
-
 def unread_args(method: Method, args: MethodArgs) -> list[str]:
     """Settings changed from their defaults that no part of `method` reads (`--lora-r 4` on a
     head run): worth a warning, since the user meant something that will not happen."""
-    prefixes = tuple(x for p in getattr(method, "parts", [method]) for x in READS.get(type(p), ()))
-    if getattr(method, "name", None) == "mam":  # a fixed parallel FFN adapter: placement and sites are its own
-        prefixes = ("virtual_tokens", "prefix_", "adapter_reduction", "adapter_scaling")
+    prefixes = getattr(method, "reads", ())  # each method names the MethodArgs it reads (by prefix)
     default = MethodArgs()
     return [f.name for f in dataclasses.fields(args)
             if getattr(args, f.name) != getattr(default, f.name) and not f.name.startswith(prefixes or ("\0",))]

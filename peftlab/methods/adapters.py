@@ -67,6 +67,7 @@ class Adapters:
     at: str | None = None  # "attn", "ffn" or "attn,ffn"
     default_lr: float = 1e-3
     name: str = "adapter"
+    reads = ("adapter",)  # the MethodArgs it reads, by prefix (a class attribute, not a field)
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:

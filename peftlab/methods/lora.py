@@ -186,6 +186,7 @@ class Lora:
     rslora: bool = False
     adapter: str = "default"
     default_lr: float = 1e-3
+    reads = ("lora_", "rslora")  # the MethodArgs it reads, by prefix
 
     def __post_init__(self) -> None:
         if self.r < 1:

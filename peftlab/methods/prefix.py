@@ -90,6 +90,7 @@ class PrefixTuning:
     init: str = "tokens"  # tokens: real keys/values of random tokens; random: N(0, 1) as HF PEFT
     default_lr: float = 3e-3
     name: str = "prefix"
+    reads = ("virtual_tokens", "prefix_")  # the MethodArgs it reads, by prefix
 
     @property
     def positions(self) -> int:

@@ -63,6 +63,7 @@ class PromptTuning:
     text: str | None = None
     default_lr: float = 3e-2
     name: str = "prompt"
+    reads = ("virtual_tokens", "prompt_")  # the MethodArgs it reads, by prefix
 
     @property
     def positions(self) -> int:
