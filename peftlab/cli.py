@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     except PeftlabError as e:
         print(f"peftlab: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("peftlab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("peftlab: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     finally:
         if parallel.world() > 1:

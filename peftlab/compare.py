@@ -7,13 +7,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from peftlab.checkpoint import no_empty_folder, save_json
-from peftlab.errors import PeftlabError
-from peftlab.lab import Cell, connect, index_row, upsert
+from peftlab.checkpoint import load_json, no_empty_folder, save_json
+from peftlab.errors import Interrupted, PeftlabError
+from peftlab.lab import Cell, connect, finished, index_row, same_config, upsert
 from peftlab.measure import fmt_params
 from peftlab.methods import parse_method
 from peftlab.report import write_report
-from peftlab.run import default_run_dir, train_run, warn_unread
+from peftlab.run import METRICS, default_run_dir, train_run, warn_unread
 from peftlab.runconfig import RunConfig
 
 
@@ -22,6 +22,7 @@ def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[d
     and index the runs there as an experiment's are, with its report (report.html, plots/*.png).
 
     Each method loads a fresh backbone (cheap once cached), so no run sees another's weights.
+    Called again with the same cfg.out it continues: finished runs are kept, an interrupted one resumes.
     """
     methods = [m.strip() for m in methods]
     for m in methods:
@@ -34,12 +35,19 @@ def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[d
     out = Path(cfg.out) if cfg.out else default_run_dir(dataclasses.replace(cfg, method="compare"))
     records, cells = [], []
     with no_empty_folder(out, not out.exists()):
-        for m in methods:
-            if progress:
-                Console(stderr=True).rule(f"[bold]{m}")
-            run_dir = out / m.replace("+", "_")
-            cells.append(Cell({"method": m}, dataclasses.replace(cfg, method=m, out=str(run_dir)), run_dir))
-            records.append(train_run(cells[-1].config, progress=progress, check_settings=False))
+        try:
+            for m in methods:
+                run_dir = out / m.replace("+", "_")
+                cell = Cell({"method": m}, dataclasses.replace(cfg, method=m, out=str(run_dir)), run_dir)
+                cells.append(cell)
+                done = finished(cell)  # a compare run again with the same --out: finished methods are kept
+                if progress:
+                    Console(stderr=True).rule(f"[bold]{m}" + (" (finished before: kept)" if done else ""))
+                records.append(load_json(run_dir / METRICS) if done else
+                               train_run(cell.config, progress=progress, resume=same_config(cell), check_settings=False))
+        except KeyboardInterrupt:
+            raise Interrupted(f"the runs so far are in '{out}'; the same compare with --out {out} continues: "
+                              "finished methods are kept, the interrupted one resumes from its checkpoint") from None
     save_json(out / "compare.json", records)
     (out / "compare.md").write_text(markdown_table(records))
     db = connect(out)  # `peftlab runs` and `peftlab report` read it as an experiment's

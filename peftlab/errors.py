@@ -11,6 +11,10 @@ class PeftlabError(Exception):
         return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying what was kept and the command that continues (the CLI prints it)."""
+
+
 def did_you_mean(name: str, valid: list[str] | tuple[str, ...]) -> str:
     """"did you mean 'X'?" for the valid name closest to a misspelled one, or ""."""
     close = difflib.get_close_matches(name, list(valid), n=1)

@@ -32,7 +32,7 @@ from rich.table import Table
 from peftlab.checkpoint import load_json, load_yaml, save_json
 from peftlab.config import build
 from peftlab.decode import Sampling
-from peftlab.errors import PeftlabError, did_you_mean
+from peftlab.errors import Interrupted, PeftlabError, did_you_mean
 from peftlab.measure import PeakMemory, fmt_params, machine, versions
 from peftlab.methods import MethodArgs, parse_method, unread_args
 from peftlab.run import CONFIG, METRICS, train_run
@@ -339,6 +339,10 @@ def run_experiment(path: str | Path, out: str | Path | None = None, progress: bo
                 status[c.id] = "failed"
             durations.append(time.perf_counter() - t0)
             show()
+    except KeyboardInterrupt:
+        again = f"peftlab run {path}" + (f" --out {out}" if out != experiment_dir(exp) else "")
+        raise Interrupted(f"finished cells are kept in '{out}'; `{again}` continues: the interrupted cell "
+                          "resumes from its checkpoint") from None
     finally:
         if live:
             live.stop()

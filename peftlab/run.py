@@ -26,7 +26,7 @@ from peftlab.batching import Encoded, encode
 from peftlab.checkpoint import atomic_write_text, check_free_space, load_checkpoint, load_json, load_weights, \
     no_empty_folder, save_checkpoint, save_json, save_weights
 from peftlab.data import Task, load_task, per_class, subset
-from peftlab.errors import PeftlabError
+from peftlab.errors import Interrupted, PeftlabError
 from peftlab.features import FeatureCache, build_caches, cut_point
 from peftlab.generation import GenTask, Pairs, collate_pairs, encode_pairs, evaluate_generation, \
     is_generation, lm_loss, load_gen_task
@@ -300,19 +300,30 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
                                               temperature=cfg.sampler_temperature, seed=cfg.seed + epoch,
                                               bucket=cfg.train.bucket, tasks=tasks)
         log = TensorBoard(out) if cfg.tensorboard and main else None
+        kept = ckpt[1]["position"] if ckpt else None  # where a resume would start: said on Ctrl-C
+
+        def save(c) -> None:
+            nonlocal kept
+            if main:
+                save_checkpoint(ckpt_path, *c)
+                kept = c[1]["position"]
+
         t_train = time.perf_counter()
-        end = train(p.model, p.data["train"].lengths, batch_loss, validate, cfg.train, lr=p.lr,
-                    seed=cfg.seed, metric=p.task.metric, on_best=on_best, progress=progress, plan=plan,
-                    also=tuple(f"{t.name}/{t.metric}" for t in p.task.tasks) if p.multi else (),
-                    save=lambda c: save_checkpoint(ckpt_path, *c) if main else None, resume=ckpt,
-                    weight=p.data["train"].target_tokens if p.generative else len, **(log.hooks() if log else {}))
+        try:
+            end = train(p.model, p.data["train"].lengths, batch_loss, validate, cfg.train, lr=p.lr,
+                        seed=cfg.seed, metric=p.task.metric, on_best=on_best, progress=progress, plan=plan,
+                        also=tuple(f"{t.name}/{t.metric}" for t in p.task.tasks) if p.multi else (),
+                        save=save, resume=ckpt,
+                        weight=p.data["train"].target_tokens if p.generative else len, **(log.hooks() if log else {}))
+            train_seconds = time.perf_counter() - t_train
+            if log:
+                log.close()
+            parallel.load_state(p.model, best["state"])
+            t_test = time.perf_counter()
+            test, test_loss, outputs = evaluate_split(p, cfg, "test", progress=progress and main)
+        except KeyboardInterrupt:
+            raise Interrupted(_resume_hint(out, kept)) from None
         history = end.history
-        train_seconds = time.perf_counter() - t_train
-        if log:
-            log.close()
-        parallel.load_state(p.model, best["state"])
-        t_test = time.perf_counter()
-        test, test_loss, outputs = evaluate_split(p, cfg, "test", progress=progress and main)
         if main and test.get("mcc") == 0.0:  # e.g. every row given one class: accuracy alone hides it
             hint = " or, on a causal LM, --head label-words" if cfg.head == "linear" and p.model.arch.causal else ""
             warnings.warn(f"the test predictions carry no information about the labels (MCC 0, accuracy "
@@ -331,8 +342,9 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         "trainable_params": n_train, "total_params": n_total, "trainable_pct": 100 * n_train / n_total,
         "lr": p.lr, "train_rows": len(p.data["train"]), "test_rows": len(p.data["test"]),
         "truncated_texts": {s: e.truncated for s, e in p.data.items()},
-        "skipped_batches": end.skipped, "resumes": end.resumes,  # times are this process's alone
-        "wall_time_s": time.perf_counter() - t_start, "train_time_s": train_seconds,
+        # over every process that ran the loop: a resumed run counts its earlier training too
+        "skipped_batches": end.skipped, "resumes": end.resumes, "train_time_s": end.elapsed,
+        "wall_time_s": time.perf_counter() - t_start + end.elapsed - train_seconds,
         "time_per_epoch_s": [e.seconds for e in history], "test_time_s": test_seconds,
         "tokens_per_s": sum(e.tokens for e in history) / max(1e-9, sum(e.seconds for e in history)),
         "peak_memory_mb": peak_mb, "adapter_bytes": (out / WEIGHTS).stat().st_size if main else None,
@@ -350,6 +362,14 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         ckpt_path.unlink(missing_ok=True)  # the run is finished: its record and best weights are what stays
     parallel.barrier()  # the run directory is complete before any process returns
     return record
+
+
+def _resume_hint(out: Path, kept: dict | None) -> str:
+    if kept is None:
+        return (f"nothing was saved before the first checkpoint (every --save-every steps and at each epoch's "
+                f"end); `peftlab train --resume {out}` starts the run again with its settings")
+    return (f"the run is saved in '{out}' at epoch {kept['epoch'] + 1}, batch {kept['batch']}: "
+            f"`peftlab train --resume {out}` continues from there")
 
 
 def save_predictions(path: Path, data: Pairs, outputs: list[str]) -> None:

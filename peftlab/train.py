@@ -173,6 +173,7 @@ class Position:
     best_epoch: int = 0
     skipped: int = 0  # batches skipped for a non-finite loss or gradient
     resumes: int = 0
+    elapsed: float = 0.0  # seconds in this loop so far, over every process that ran it (resumes)
     losses: list[float] = field(default_factory=list)  # the epoch's step losses so far
     history: list[Epoch] = field(default_factory=list)
 
@@ -267,7 +268,13 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.schedule, int(args.warmup_ratio * total), total))
     pos = restore_state(model, opt, sched, resume) if resume is not None else Position()
-    checkpoint = (lambda rng: save(training_state(model, opt, sched, pos, rng))) if save else (lambda rng: None)
+    started = time.perf_counter() - pos.elapsed
+
+    def checkpoint(rng: torch.Tensor) -> None:
+        if save:
+            pos.elapsed = time.perf_counter() - started
+            save(training_state(model, opt, sched, pos, rng))
+
     model.train()
     progress = progress and parallel.is_main()
     world = parallel.world()
@@ -343,6 +350,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
                 on_best(ep)
             pos.epoch, pos.batch, pos.loss_sum, pos.seen, pos.tokens, pos.seconds = pos.epoch + 1, 0, 0.0, 0, 0, 0.0
             pos.losses = []
+    pos.elapsed = time.perf_counter() - started
     return pos
 
 

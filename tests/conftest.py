@@ -11,9 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY = ("tiny-gpt2", "tiny-llama", "tiny-bert")
 
 
-def interrupt_run(monkeypatch, cfg, step: int) -> None:
+def interrupt_run(monkeypatch, cfg, step: int) -> str:
     """Train `cfg` in this process until it raises KeyboardInterrupt at optimizer step `step`
-    (as Ctrl-C would), leaving the run directory as an interrupted run leaves it."""
+    (as Ctrl-C would), leaving the run directory as an interrupted run leaves it. Returns what
+    the interruption says (the CLI prints it)."""
     import torch
 
     from peftlab.run import train_run
@@ -27,9 +28,10 @@ def interrupt_run(monkeypatch, cfg, step: int) -> None:
         return real(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", stop)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as e:
         train_run(cfg, progress=False)
     monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    return str(e.value)
 
 
 def write_jsonl(path, rows) -> str:

@@ -1,4 +1,5 @@
 import json
+import re
 import sqlite3
 
 import pytest
@@ -60,7 +61,7 @@ grid: {{method: [head, last-1, bias], seed: [0]}}
         monkeypatch.setattr(peftlab.run, "evaluate_split", killed_in_validation if cfg.method == "last-1" else evaluate)
         return real(cfg, progress=progress, resume=resume, **kw)
     monkeypatch.setattr(peftlab.lab, "train_run", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=re.escape(f"`peftlab run {path} --out {tmp_path / 'exp'}` continues")):
         run_experiment(path, tmp_path / "exp", progress=False)
     assert calls == ["head", "last-1"]
     monkeypatch.setattr(peftlab.run, "evaluate_split", evaluate)

@@ -67,12 +67,53 @@ def reference(tmp_path_factory):
 def test_interrupted_in_process_then_resumed_is_bit_identical(reference, tmp_path, monkeypatch):
     task, ref = reference
     out = tmp_path / "run"
-    interrupt_run(monkeypatch, config(task, out), 10)  # between two checkpoints (steps 9 and 12): work is replayed
+    said = interrupt_run(monkeypatch, config(task, out), 10)  # between two checkpoints (steps 9 and 12): work is replayed
     _, state = load_checkpoint(out / CHECKPOINT)
     assert state["position"]["epoch"] == 1 and state["scheduler"]["last_epoch"] == 9  # 8 steps an epoch
+    # step 9 was the first of epoch 2 (two batches a step): the message says where and how to go on
+    assert said == f"the run is saved in '{out}' at epoch 2, batch 2: `peftlab train --resume {out}` continues from there"
+    before = state["position"]["elapsed"]
+    assert before > 0
     record = resume_run(out, progress=False)
     assert record["resumes"] == 1
+    # times cover the earlier process's training too, not only the resumed part
+    assert record["train_time_s"] > before and record["wall_time_s"] > record["train_time_s"]
     assert_same_run(ref, out)
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_the_run_starts_again(reference, tmp_path, monkeypatch):
+    task, _ = reference
+    out = tmp_path / "run"
+    cfg = config(task, out)
+    cfg.train.save_every = 0
+    said = interrupt_run(monkeypatch, cfg, 2)
+    assert said.startswith("nothing was saved before the first checkpoint") and f"--resume {out}`" in said
+    assert not (out / CHECKPOINT).exists()
+
+
+def test_an_interrupted_compare_continues_with_the_same_out(reference, tmp_path, monkeypatch, capsys):
+    compare_module = sys.modules["peftlab.compare"]  # the package exports a function of that name
+    task, _ = reference
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", "tiny-llama", "--task", task, "--methods", "head,lora", "--epochs", "2",
+            "--train-limit", "60", "--eval-limit", "40", "--save-every", "2", "--out", str(out)]
+    real, calls = compare_module.train_run, []
+
+    def stopped(cfg, **kw):  # Ctrl-C in the second method's first epoch
+        calls.append((cfg.method, kw["resume"]))
+        if cfg.method == "lora" and not kw["resume"]:
+            interrupt_run(monkeypatch, cfg, 3)
+            raise KeyboardInterrupt
+        return real(cfg, **kw)
+    monkeypatch.setattr(compare_module, "train_run", stopped)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; the runs so far are in '{out}'; the same compare with --out {out} continues" in err
+    assert (out / "lora" / CHECKPOINT).is_file() and (out / "head" / METRICS).is_file()
+    assert main(argv) == 0
+    assert calls == [("head", False), ("lora", False), ("lora", True)]  # head kept, lora resumed
+    assert json.loads((out / "lora" / METRICS).read_text())["resumes"] == 1
+    assert "finished before: kept" in capsys.readouterr().err
 
 
 # Runs `peftlab train` in a child process that SIGKILLs itself at a chosen moment:
