@@ -238,9 +238,11 @@ def cmd_eval(args) -> None:
     from peftlab.saved import eval_run
 
     from peftlab.decode import Sampling
+    from peftlab.metrics import percent
 
     m = eval_run(args.run_dir, args.split, Sampling(**_pick(args, Sampling)))
-    print(f"{args.split} ({m['rows']} rows): " + "  ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "rows"))
+    shown = "  ".join(f"{k} {percent(k, v):.1f}" for k, v in m.items() if k not in ("rows", "loss"))
+    print(f"{args.split} ({m['rows']} rows, metrics in %): {shown}  loss {m['loss']:.4f}")
 
 
 def cmd_export(args) -> None:

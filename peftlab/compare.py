@@ -10,7 +10,8 @@ from rich.table import Table
 from peftlab.checkpoint import load_json, no_empty_folder, save_json
 from peftlab.errors import Interrupted, PeftlabError
 from peftlab.lab import Cell, connect, finished, index_row, same_config, upsert
-from peftlab.measure import fmt_params
+from peftlab.measure import fmt_params, fmt_seconds
+from peftlab.metrics import percent
 from peftlab.methods import parse_method
 from peftlab.report import write_report
 from peftlab.run import METRICS, default_run_dir, train_run, warn_unread
@@ -63,15 +64,13 @@ GEN_SHOWN = ("rougeL", "rouge1", "rouge2", "exact_match", "token_f1", "gen_words
 
 def _quality(r: dict) -> tuple[list[str], list[str]]:
     """Quality column names and values (in %) of one record: classification or generation."""
-    t = r["test"]
     if r.get("kind") == "generation":
         names = [r["metric"], *(m for m in GEN_SHOWN if m != r["metric"])]
-        return names, [f"{t[m]:.1f}" for m in names]  # generation metrics are x100 already
-    if r.get("kind") == "multitask":  # each task's own metric, then their mean
+    elif r.get("kind") == "multitask":  # each task's own metric, then their mean
         names = [f"{task}/{m}" for task, m in r["tasks"].items()] + ["combined"]
-        return names, [f"{100 * t[m]:.1f}" for m in names]
-    names = ["accuracy"] + ([] if r["metric"] == "accuracy" else [r["metric"]])
-    return names, [f"{100 * t[m]:.1f}" for m in names]
+    else:
+        names = ["accuracy"] + ([] if r["metric"] == "accuracy" else [r["metric"]])
+    return names, [f"{percent(m, r['test'][m]):.1f}" for m in names]
 
 
 def columns(records: list[dict]) -> list[str]:
@@ -83,16 +82,24 @@ def rows(records: list[dict]) -> list[list[str]]:
     for r in records:
         out.append([
             r["method"], *_quality(r)[1], fmt_params(r["trainable_params"]),
-            f"{r['trainable_pct']:.2f}", f"{sum(r['time_per_epoch_s']) / len(r['time_per_epoch_s']):.1f}",
+            f"{r['trainable_pct']:.2f}", fmt_seconds(sum(r['time_per_epoch_s']) / len(r['time_per_epoch_s'])),
             f"{r['tokens_per_s']:.0f}", f"{r['peak_memory_mb']:.0f}",
         ])
     return out
 
 
+def notes(records: list[dict]) -> list[str]:
+    """What the columns leave out: the one-off pass that cached the frozen part's hidden states."""
+    return [f"{r['method']}: the frozen layers ran once before training, caching their hidden states "
+            f"({r['cached_features']['seconds']:.1f} s); s/epoch and tok/s are epochs read from that cache"
+            for r in records if r.get("cached_features")]
+
+
 def print_table(records: list[dict], console: Console | None = None) -> None:
     r0 = records[0]
     table = Table(title=f"{r0['model']} on {r0['task']}: test metrics in % ({r0['test_rows']} test rows, "
-                        f"{r0['train_rows']} training rows)")
+                        f"{r0['train_rows']} training rows)", caption="\n".join(notes(records)) or None,
+                  caption_justify="left")
     for c in columns(records):
         table.add_column(c, justify="left" if c == "method" else "right", no_wrap=True)
     for row in rows(records):
@@ -104,4 +111,4 @@ def markdown_table(records: list[dict]) -> str:
     cols = columns(records)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(records)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes(records)]) + "\n"

@@ -33,7 +33,8 @@ from peftlab.checkpoint import load_json, load_yaml, save_json
 from peftlab.config import build
 from peftlab.decode import Sampling
 from peftlab.errors import Interrupted, PeftlabError, did_you_mean
-from peftlab.measure import PeakMemory, fmt_params, machine, versions
+from peftlab.measure import PeakMemory, fmt_params, fmt_seconds, machine, versions
+from peftlab.metrics import percent
 from peftlab.methods import MethodArgs, parse_method, unread_args
 from peftlab.run import CONFIG, METRICS, train_run
 from peftlab.runconfig import RunConfig
@@ -351,12 +352,12 @@ def run_experiment(path: str | Path, out: str | Path | None = None, progress: bo
 
 def print_runs(rows: list[dict], console: Console | None = None) -> None:
     t = Table(title=f"{len(rows)} runs")
-    for c in ("id", "status", "model", "task", "method", "seed", "metric", "value", "trainable", "s/epoch", "peak MiB"):
+    for c in ("id", "status", "model", "task", "method", "seed", "metric", "value %", "trainable", "s/epoch", "peak MiB"):
         t.add_column(c, justify="left" if c in ("id", "status", "model", "task", "method", "metric") else "right")
     for r in rows:
         done = r["status"] == "done"
         t.add_row(r["id"], r["status"], r["model"], r["task"], r["method"], str(r["seed"]), r["metric"] or "",
-                  f"{r['value']:.4f}" if done else (r["error"] or "")[:40],
-                  fmt_params(r["trainable_params"]) if done else "", f"{r['s_per_epoch']:.1f}" if done else "",
+                  f"{percent(r['metric'], r['value']):.1f}" if done else (r["error"] or "")[:40],
+                  fmt_params(r["trainable_params"]) if done else "", fmt_seconds(r['s_per_epoch']) if done else "",
                   f"{r['peak_memory_mb']:.0f}" if done else "")
     (console or Console(width=None if sys.stdout.isatty() else 160)).print(t)

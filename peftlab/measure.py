@@ -65,15 +65,35 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def machine() -> dict[str, object]:
-    return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpu_model": _cpu_model(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def describe_machine(m: dict) -> str:
+    """A machine() record as one line: 'AMD EPYC 7B13 (x86_64), 2 CPUs, 2 torch threads, Linux-...'."""
+    cpu = f"{m['cpu_model']} ({m.get('processor')})" if m.get("cpu_model") else m.get("processor")
+    parts = [m.get("cuda"), cpu, m.get("cpus") and f"{m['cpus']} CPUs",
+             m.get("torch_threads") and f"{m['torch_threads']} torch threads", m.get("platform")]
+    return ", ".join(str(x) for x in parts if x) or "not recorded"
 
 
 def count_params(model: torch.nn.Module, names: list[str]) -> tuple[int, int]:
     params = dict(model.named_parameters())
     return sum(params[n].numel() for n in names), sum(p.numel() for p in params.values())
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s:.1f}" if s >= 1 else f"{s:.2g}"  # an epoch on cached features takes milliseconds
 
 
 def fmt_params(n: int) -> str:

@@ -15,6 +15,12 @@ METRICS = ("accuracy", "macro_f1", "mcc")
 GENERATION_METRICS = ("rouge1", "rouge2", "rougeL", "exact_match", "token_f1", "gen_words")
 
 
+def percent(metric: str, value: float) -> float:
+    """A metric in the unit every table and log line shows: classification fractions (and MCC,
+    multi-task 'task/metric' and 'combined') x100; generation metrics are x100 already."""
+    return value if metric.rsplit("/", 1)[-1] in GENERATION_METRICS else 100 * value
+
+
 def classification_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {
         "accuracy": float(accuracy_score(labels, preds)),

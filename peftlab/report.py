@@ -17,7 +17,8 @@ import numpy as np
 from peftlab.checkpoint import atomic_write_text
 from peftlab.errors import PeftlabError
 from peftlab.lab import query
-from peftlab.measure import fmt_params
+from peftlab.measure import describe_machine, fmt_params, fmt_seconds
+from peftlab.metrics import percent
 
 PLOTS = "plots"
 
@@ -30,10 +31,6 @@ def _figure(w: float = 6.4, h: float = 4.0):
     fig = Figure(figsize=(w, h), dpi=110)
     FigureCanvasAgg(fig)
     return fig
-
-
-def _scale(metric: str) -> float:
-    return 1.0 if metric in ("rouge1", "rouge2", "rougeL", "exact_match", "token_f1") else 100.0
 
 
 def _label(params: dict, skip: tuple[str, ...] = ("seed",)) -> str:
@@ -50,7 +47,7 @@ def group(rows: list[dict]) -> list[dict]:
         groups[key].append(r)
     out = []
     for key, rs in groups.items():
-        values = np.array([r["value"] for r in rs]) * _scale(rs[0]["metric"])
+        values = np.array([percent(r["metric"], r["value"]) for r in rs])
         out.append({
             "settings": json.loads(key), "label": _label(json.loads(rs[0]["params"])), "runs": [r["id"] for r in rs],
             "metric": rs[0]["metric"], "mean": float(values.mean()), "n": len(rs),
@@ -78,7 +75,7 @@ def results_table(groups: list[dict]) -> tuple[list[str], list[list[str]]]:
     rows = [[g["label"], g["settings"]["task"], g["metric"],
              f"{g['mean']:.1f} ± {g['std']:.1f}" if g["n"] > 1 else f"{g['mean']:.1f}", str(g["n"]),
              fmt_params(g["trainable_params"]), f"{g['trainable_pct']:.2f}", f"{g['peak_memory_mb']:.0f}",
-             f"{g['s_per_epoch']:.1f}", f"{g['tokens_per_s']:.0f}", _size(g["adapter_bytes"])] for g in groups]
+             fmt_seconds(g['s_per_epoch']), f"{g['tokens_per_s']:.0f}", _size(g["adapter_bytes"])] for g in groups]
     return cols, rows
 
 
@@ -102,6 +99,13 @@ def cost_table(groups: list[dict]) -> tuple[list[str], list[list[str]]] | None:
 
 # -- plots -----------------------------------------------------------------------------------
 
+def smooth(xs: list[float], window: int) -> np.ndarray:
+    """Moving average over `window` steps (shorter at the start): step losses are noisy."""
+    c = np.cumsum(np.insert(np.asarray(xs, dtype=float), 0, 0.0))
+    i = np.arange(1, len(xs) + 1)
+    return (c[i] - c[np.maximum(0, i - window)]) / np.minimum(i, window)
+
+
 def plot_losses(groups: list[dict], path: Path) -> Path:
     fig = _figure(10, 4)
     axes = fig.subplots(1, 2)
@@ -109,15 +113,22 @@ def plot_losses(groups: list[dict], path: Path) -> Path:
         h = g["records"][0]["history"]
         if not h:  # in-context cells train nothing
             continue
-        epochs = [e["epoch"] for e in h]
-        line, = axes[0].plot(epochs, [e["train_loss"] for e in h], marker="o", label=g["label"])
-        axes[1].plot(epochs, [e["val_loss"] for e in h], marker="o", color=line.get_color())
-    for ax, what in zip(axes, ("training", "validation")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{what} loss")
+        steps = [x for e in h for x in e.get("losses", [])]  # every optimizer step's loss
+        if steps:
+            line, = axes[0].plot(np.arange(1, len(steps) + 1), smooth(steps, max(1, len(steps) // 20)),
+                                 label=g["label"])
+        else:  # records written before step losses were kept: one point an epoch
+            line, = axes[0].plot([e["epoch"] for e in h], [e["train_loss"] for e in h], marker="o", label=g["label"])
+        axes[1].plot([e["epoch"] for e in h], [e["val_loss"] for e in h], marker="o", color=line.get_color())
+    axes[0].set_xlabel("optimizer step")
+    axes[0].set_ylabel("training loss (moving average over 5% of the steps)")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("validation loss")
+    axes[1].xaxis.get_major_locator().set_params(integer=True)
+    for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("loss per epoch (first seed of each setting)", fontsize=10)
+    fig.suptitle("training and validation loss (first seed of each setting)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -156,25 +167,26 @@ def plot_pareto(groups: list[dict], path: Path) -> Path:
     for g, (x, y) in zip(groups, pts):
         ax.annotate(g["label"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     front = [pts[i] for i in pareto(pts)]
-    ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#E45756", label="Pareto front")
+    if len(front) > 1:  # one point is no front
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#E45756", label="Pareto front")
+        ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel(f"test {groups[0]['metric']} (%)")
     ax.set_title("quality against trainable parameters", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return path
 
 
 def sweeps(groups: list[dict]) -> dict[str, list[dict]]:
-    """Settings swept over three or more numeric values (lr, lora_r, virtual_tokens, temperature, ...)."""
+    """Settings swept over two or more numeric values (lr, lora_r, virtual_tokens, temperature, ...)."""
     found: dict[str, list[dict]] = {}
     keys = {k for g in groups for k in g["settings"]} - {"model", "task", "method"}
     for k in sorted(keys):
         values = {g["settings"][k] for g in groups if isinstance(g["settings"].get(k), (int, float))}
-        if len(values) >= 3:
+        if len(values) >= 2:
             found[k] = [g for g in groups if k in g["settings"]]
     return found
 
@@ -243,11 +255,11 @@ def write_report(exp_dir: str | Path) -> tuple[Path, Path]:
         plots[f"sweep: {key}"] = plot_sweep(key, gs, exp_dir / PLOTS / f"sweep_{key}.png")
     cols, table = results_table(groups)
     cost = cost_table(groups)
-    machine = json.loads(done[0]["record"]).get("machine", {})
+    machine = describe_machine(json.loads(done[0]["record"]).get("machine", {}))
     title = f"peftlab report: {exp_dir.name}"
     runs = [[r["id"], r["status"], r["method"], r["task"], str(r["seed"]),
-             f"{r['value']:.4f}" if r["status"] == "done" else (r["error"] or "")[:80]] for r in rows]
-    run_cols = ["run", "status", "method", "task", "seed", "test metric / error"]
+             f"{percent(r['metric'], r['value']):.1f}" if r["status"] == "done" else (r["error"] or "")[:80]] for r in rows]
+    run_cols = ["run", "status", "method", "task", "seed", "test metric (%) / error"]
 
     md = [f"# {title}\n", f"{len(done)} finished runs, {len(failed)} failed; machine: {machine}\n",
           "## Results\n", _md_table(cols, table)]
@@ -262,7 +274,7 @@ def write_report(exp_dir: str | Path) -> tuple[Path, Path]:
 
     img = lambda p: f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
     body = [f"<h1>{html.escape(title)}</h1>",
-            f"<p class=small>{len(done)} finished runs, {len(failed)} failed; machine: {html.escape(str(machine))}</p>",
+            f"<p class=small>{len(done)} finished runs, {len(failed)} failed; machine: {html.escape(machine)}</p>",
             "<h2>Results</h2>", _html_table(cols, table)]
     if cost:
         body += ["<h2>Cost relative to full fine-tuning (measured)</h2>", f"<p class=small>{COST_NOTE}</p>",

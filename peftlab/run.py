@@ -327,7 +327,7 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         if main and test.get("mcc") == 0.0:  # e.g. every row given one class: accuracy alone hides it
             hint = " or, on a causal LM, --head label-words" if cfg.head == "linear" and p.model.arch.causal else ""
             warnings.warn(f"the test predictions carry no information about the labels (MCC 0, accuracy "
-                          f"{test.get('accuracy', 0):.3f}): the model has not learned the task yet; train longer "
+                          f"{100 * test.get('accuracy', 0):.1f}%): the model has not learned the task yet; train longer "
                           f"(--epochs, more rows), raise --lr / --head-lr{hint}")
         test_seconds = time.perf_counter() - t_test
         if outputs is not None and main:

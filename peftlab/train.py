@@ -25,7 +25,7 @@ from peftlab.config import check_fields
 from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, logits_from_cache
 from peftlab.methods.lora import inference_weights
-from peftlab.metrics import classification_metrics
+from peftlab.metrics import classification_metrics, percent
 from peftlab.parallel import Strategy
 from peftlab.speed import Precision, autocast, bf16_weights, fp32_attention, tune_allocator
 
@@ -342,9 +342,9 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
             pos.history.append(ep)
             on_epoch(ep)
             if progress:
-                parts = "".join(f"  {k} {val[k]:.4f}" for k in also if k in val)
-                tqdm.write(f"epoch {ep.epoch}: train loss {ep.train_loss:.4f}  val loss {val_loss:.4f}  "
-                           f"val {metric} {val[metric]:.4f}{parts}  ({seconds:.1f}s, {pos.tokens / seconds:.0f} tok/s)")
+                parts = "  ".join(f"{k} {percent(k, val[k]):.1f}" for k in (metric, *also) if k in val)
+                tqdm.write(f"epoch {ep.epoch}: train loss {ep.train_loss:.4f}  val loss {val_loss:.4f}  val {parts}  "
+                           f"({seconds:.1f}s, {pos.tokens / max(seconds, 1e-9):.0f} tok/s)")
             if val[metric] > pos.best:
                 pos.best, pos.best_epoch = val[metric], ep.epoch
                 on_best(ep)

@@ -128,7 +128,7 @@ grid:
 
 
 def test_report_of_a_small_experiment(toy_task, tmp_path, capsys):
-    from peftlab.report import pareto
+    from peftlab.report import pareto, smooth
 
     path = write(tmp_path / "e.yaml", f"""
 name: small
@@ -151,6 +151,9 @@ grid:
     md = (exp / "report.md").read_text()
     assert "± " in md and "plots/pareto.png" in md
     assert pareto([(10, 0.5), (5, 0.6), (20, 0.7), (8, 0.4)]) == [1, 2]
+    assert smooth([4.0, 2.0, 0.0, 2.0], 2).tolist() == [4.0, 3.0, 1.0, 1.0]  # the loss plot's moving average
+    machine = md.split("machine: ")[1].splitlines()[0]
+    assert "CPUs" in machine and "{" not in machine  # one plain line, not a dict's repr
 
 
 @pytest.mark.parametrize("name", ["spam_methods", "few_shot", "xsum", "multitask"])
@@ -177,6 +180,7 @@ grid:
 
     md, page = write_report(tmp_path / "exp")
     assert "icl, shots=2" in md.read_text()
+    assert (tmp_path / "exp" / "plots" / "sweep_shots.png").is_file()  # two values make a sweep
 
 
 def test_report_rows_are_mean_and_sample_std_over_seeds():

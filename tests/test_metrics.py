@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from peftlab.metrics import classification_metrics, generation_metrics, normalize_answer, token_f1
+from peftlab.metrics import classification_metrics, generation_metrics, normalize_answer, percent, token_f1
 
 
 def test_classification_metrics():
@@ -24,3 +24,10 @@ def test_rouge_is_stemmed_f_measure_times_100():
     assert m["rouge1"] == pytest.approx(100 * 2 * 0.8 / 1.8)
     assert m["rougeL"] == pytest.approx(m["rouge1"]) and m["gen_words"] == 5
     assert generation_metrics(["a b c"], ["a b c"])["rouge2"] == 100
+
+
+def test_every_metric_is_shown_in_one_unit():
+    assert percent("macro_f1", 0.756) == pytest.approx(75.6) and percent("mcc", -0.5) == -50.0
+    assert percent("cola/mcc", 0.25) == 25.0 and percent("combined", 0.5) == 50.0  # multi-task
+    assert percent("rougeL", 31.2) == 31.2 and percent("xsum/rougeL", 31.2) == 31.2  # x100 already
+    assert percent("gen_words", 12.0) == 12.0

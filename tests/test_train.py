@@ -100,10 +100,13 @@ def test_cli_train_eval_and_compare(toy_task, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"test", "trainable_params", "total_params", "wall_time_s", "time_per_epoch_s", "tokens_per_s",
             "peak_memory_mb"} <= set(metrics)
+    val = metrics["history"][0]["val"][metrics["metric"]]  # the epoch line in %, as the table below it
+    assert f"val {metrics['metric']} {100 * val:.1f}  (" in capsys.readouterr().out
     assert main(["eval", str(out)]) == 0
     assert "accuracy" in capsys.readouterr().out
     assert main(["eval", str(out), "--split", "validation"]) == 0  # one epoch: the best epoch's validation
-    assert capsys.readouterr().out.startswith(f"validation (100 rows): accuracy {metrics['validation']['accuracy']:.4f}")
+    assert capsys.readouterr().out.startswith(  # in %, as every table shows it
+        f"validation (100 rows, metrics in %): accuracy {100 * metrics['validation']['accuracy']:.1f}")
     assert main(["compare", "--model", "tiny-gpt2", "--task", toy_task, "--methods", "head,last-1",
                  "--epochs", "1", "--out", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out
@@ -147,3 +150,19 @@ def test_tensorboard_logs_steps_and_epochs(toy_task, tmp_path):
     tags = acc.Tags()["scalars"]
     assert {"train/loss", "train/lr", "epoch/val_loss", "val/accuracy"} <= set(tags)
     assert len(acc.Scalars("train/loss")) == 8 and len(acc.Scalars("val/accuracy")) == 2  # 4 steps x 2 epochs
+
+
+def test_test_predictions_without_information_are_warned_about(toy_task, tmp_path, monkeypatch):
+    import peftlab.run
+
+    real = peftlab.run.evaluate_split
+
+    def one_class(p, cfg, split, **kw):  # as a model that gives every test row the same class scores
+        metrics, loss, outputs = real(p, cfg, split, **kw)
+        return ({**metrics, "accuracy": 0.5, "mcc": 0.0} if split == "test" else metrics), loss, outputs
+    monkeypatch.setattr(peftlab.run, "evaluate_split", one_class)
+    cfg = RunConfig(model="tiny-gpt2", task=toy_task, method="head", train_limit=60, eval_limit=40,
+                    out=str(tmp_path / "r"), train=TrainArgs(epochs=1))
+    with pytest.warns(UserWarning, match=r"carry no information about the labels \(MCC 0, accuracy 50.0%\).*"
+                                         r"--head label-words"):
+        train_run(cfg, progress=False)
