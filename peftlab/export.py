@@ -9,6 +9,7 @@ from torch import nn
 from peftlab.checkpoint import save_weights
 from peftlab.errors import PeftlabError
 from peftlab.methods import merge, parse_method
+from peftlab.models import HUB_IDS
 from peftlab.multitask import TaskPrompts
 from peftlab.peft_format import save_adapter
 from peftlab.saved import check_outside_runs, load_run
@@ -27,7 +28,7 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
     _one_adapter(cfg, p)
     method = parse_method(cfg.method, cfg.method_args)
     # a fresh parse is stateless: the loaded model already carries the method's modules
-    save_adapter(out, method, p.model, p.backbone.model, p.trainable, cfg.model)
+    save_adapter(out, method, p.model, p.backbone.model, p.trainable, HUB_IDS.get(cfg.model, cfg.model))
     return Path(out)
 
 

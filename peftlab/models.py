@@ -49,6 +49,15 @@ EMBEDDED: dict[str, str] = {
 }
 
 
+# Where the embedded models come from on the hub: what an exported adapter names as its base, so that
+# PEFT's AutoPeftModel finds it. The embedded SmolLM2 is the Q4_1 GGUF dequantized: the hub's
+# bf16 weights differ from it by the quantization error.
+HUB_IDS: dict[str, str] = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+
 @dataclass
 class Backbone:
     """A pretrained model, its tokenizer (padding side set) and the handles on its parts."""
@@ -60,10 +69,11 @@ class Backbone:
 
 
 def same_model(a: str, b: str) -> bool:
-    """Two model names or paths naming the same model (paths compared resolved: `./m`, `/abs/m`)."""
+    """Two model names or paths naming the same model (paths compared resolved: `./m`, `/abs/m`;
+    an embedded name and its hub id alike)."""
     if Path(a).exists() and Path(b).exists():
         return Path(a).resolve() == Path(b).resolve()
-    return a.rstrip("/") == b.rstrip("/")
+    return HUB_IDS.get(a, a).rstrip("/") == HUB_IDS.get(b, b).rstrip("/")
 
 
 def peftlab_home() -> Path:

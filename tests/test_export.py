@@ -106,3 +106,20 @@ def test_yaml_mix_with_per_part_settings(tmp_path):
     spec.write_text("method:\n  - lora: {rank: 2}\n")
     with pytest.raises(PeftlabError, match=r"part 'lora': unknown setting\(s\) \['rank'\]"):
         parse_method(str(spec))
+
+
+def test_an_embedded_model_s_adapter_names_its_hub_id(toy_task, tmp_path, monkeypatch):
+    import json
+
+    from peftlab.heads import Classifier
+    from peftlab.models import HUB_IDS, load_backbone, same_model
+    from peftlab.peft_format import load_adapter
+
+    assert same_model("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct") and not same_model("smollm2-135m", "gpt2")
+    monkeypatch.setitem(HUB_IDS, "tiny-llama", "peftlab-tests/tiny-llama")  # as an embedded model with a hub id
+    run = tiny_run(toy_task, tmp_path / "run", "lora")
+    assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "peftlab-tests/tiny-llama"  # what AutoPeftModel looks up
+    fresh = load_backbone("tiny-llama")
+    load_adapter(tmp_path / "adapter", Classifier(fresh.arch, 2), fresh.model, base="tiny-llama")  # same model
