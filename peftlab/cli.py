@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--split", default="test", choices=("train", "validation", "test"), help="default: test")
     add_dataclass_flags(e, Sampling)  # generation runs: decode with other settings than in training
+    e.add_argument("--max-new-tokens", type=int, default=None, metavar="INT", help="generation runs: tokens to decode at most "
+                   "(default: the run's)")
+    e.add_argument("--seed", type=int, default=None, metavar="INT", help="generation runs: the sampling seed (default: the run's)")
+    e.add_argument("--predictions", metavar="FILE", default=None, help="write each row's input, output and "
+                   "reference to this .jsonl file (default: none)")
 
     x = sub.add_parser("export", help="write a run's adapter in Hugging Face PEFT layout")
     x.add_argument("run_dir")
@@ -240,9 +245,12 @@ def cmd_eval(args) -> None:
     from peftlab.decode import Sampling
     from peftlab.metrics import percent
 
-    m = eval_run(args.run_dir, args.split, Sampling(**_pick(args, Sampling)))
+    m = eval_run(args.run_dir, args.split, Sampling(**_pick(args, Sampling)), max_new_tokens=args.max_new_tokens,
+                 seed=args.seed, predictions=args.predictions)
     shown = "  ".join(f"{k} {percent(k, v):.1f}" for k, v in m.items() if k not in ("rows", "loss"))
     print(f"{args.split} ({m['rows']} rows, metrics in %): {shown}  loss {m['loss']:.4f}")
+    if args.predictions:
+        print(f"predictions: {args.predictions}")
 
 
 def cmd_export(args) -> None:

@@ -42,7 +42,7 @@ from peftlab.train import TensorBoard, evaluate, logits_fn, train
 
 CONFIG, METRICS, WEIGHTS = "config.json", "metrics.json", "trainable.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
-PREDICTIONS = "predictions.jsonl"  # generation runs: each test prompt's output and reference
+PREDICTIONS = "predictions.jsonl"  # each test row's input, the model's output and the reference
 
 
 @dataclass
@@ -211,7 +211,8 @@ def attach_caches(p: Prepared, cfg: RunConfig, progress: bool = True) -> None:
 
 def evaluate_split(p: Prepared, cfg: RunConfig, split: str, progress: bool = False,
                    with_loss: bool = True) -> tuple[dict, float, list[str] | None]:
-    """Metrics and loss of the model on one split (and, for generation, the outputs)."""
+    """Metrics and loss of the model on one split, and its outputs: decoded texts, or predicted
+    label names (None for multi-task splits, whose rows belong to different label sets)."""
     tok = p.backbone.tokenizer
     if p.generative:
         return evaluate_generation(p.model, tok, p.data[split], max_new_tokens=cfg.max_new_tokens or p.task.max_new_tokens,
@@ -219,9 +220,9 @@ def evaluate_split(p: Prepared, cfg: RunConfig, split: str, progress: bool = Fal
                                    progress=progress, with_loss=with_loss, precision=cfg.train.precision)
     enc = p.data[split]
     score = (lambda logits: multi_metrics(logits, enc, p.task.tasks)) if p.multi else None
-    metrics, loss = evaluate(p.model, enc, cfg.train.eval_batch_size, tok.pad_token_id, tok.padding_side,
-                             p.caches.get(split), cfg.train.precision, score)
-    return metrics, loss, None
+    metrics, loss, logits = evaluate(p.model, enc, cfg.train.eval_batch_size, tok.pad_token_id, tok.padding_side,
+                                     p.caches.get(split), cfg.train.precision, score)
+    return metrics, loss, None if p.multi else [p.task.labels[i] for i in logits.argmax(-1)]
 
 
 def batch_loss_fn(p: Prepared) -> Callable[[np.ndarray], tuple[torch.Tensor, int]]:
@@ -331,7 +332,7 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
                           f"(--epochs, more rows), raise --lr / --head-lr{hint}")
         test_seconds = time.perf_counter() - t_test
         if outputs is not None and main:
-            save_predictions(out / PREDICTIONS, p.data["test"], outputs)
+            save_predictions(out / PREDICTIONS, p, "test", outputs)
     [peak_mb] = parallel.all_max(mem.peak_mb)
     n_train, n_total = count_params(p.model, p.trainable)
     best_ep = history[best["epoch"] - 1]
@@ -372,8 +373,17 @@ def _resume_hint(out: Path, kept: dict | None) -> str:
             f"`peftlab train --resume {out}` continues from there")
 
 
-def save_predictions(path: Path, data: Pairs, outputs: list[str]) -> None:
-    rows = [{"output": o, "reference": t} for o, t in zip(outputs, data.targets)]
+def save_predictions(path: Path, p: Prepared, split: str, outputs: list[str]) -> None:
+    """One JSON line a row: the input as the model read it (prompt, or framed and truncated text),
+    the model's output (decoded text, or predicted label) and the reference."""
+    data, tok = p.data[split], p.backbone.tokenizer
+    if p.generative:
+        inputs = tok.batch_decode([ids[:n] for ids, n in zip(data.input_ids, data.prompt_len)], skip_special_tokens=True)
+        refs = data.targets
+    else:
+        inputs = tok.batch_decode(data.input_ids, skip_special_tokens=True)
+        refs = [p.task.labels[i] for i in data.labels]
+    rows = [{"input": i, "output": o, "reference": r} for i, o, r in zip(inputs, outputs, refs)]
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 

@@ -7,7 +7,7 @@ from peftlab.checkpoint import load_json, load_weights
 from peftlab.decode import Sampling
 from peftlab.errors import PeftlabError
 from peftlab.models import Backbone
-from peftlab.run import CONFIG, METRICS, WEIGHTS, Prepared, evaluate_split, prepare, train_run
+from peftlab.run import CHECKPOINT, CONFIG, METRICS, PREDICTIONS, WEIGHTS, Prepared, evaluate_split, prepare, save_predictions, train_run
 from peftlab.runconfig import RunConfig
 
 
@@ -70,12 +70,34 @@ def load_run(run_dir: str | Path, backbone: Backbone | None = None) -> tuple[Run
     return cfg, p
 
 
-def eval_run(run_dir: str | Path, split: str = "test", decoding: Sampling | None = None) -> dict[str, float]:
-    """Metrics of a saved run on one split; generation runs may decode with other `decoding` settings."""
+def eval_run(run_dir: str | Path, split: str = "test", decoding: Sampling | None = None, *,
+             max_new_tokens: int | None = None, seed: int | None = None,
+             predictions: str | Path | None = None) -> dict[str, float]:
+    """Metrics of a saved run on one split. Generation runs may decode with other `decoding`
+    settings, `max_new_tokens` and sampling `seed` (default: the run's). `predictions`: a .jsonl
+    file for each row's input, output and reference."""
     if split not in ("train", "validation", "test"):
         raise PeftlabError(f"--split '{split}' is unknown; valid: train, validation, test")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise PeftlabError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if predictions is not None:
+        own = (CONFIG, METRICS, WEIGHTS, CHECKPOINT, PREDICTIONS)
+        if Path(predictions).name in own and is_run(Path(predictions).parent):
+            raise PeftlabError(f"--predictions '{predictions}' would overwrite that run's own file; give another "
+                               "name, e.g. test-temp0.7.jsonl")
+        if Path(predictions).is_dir():
+            raise PeftlabError(f"--predictions '{predictions}' is a folder; give a file name such as preds.jsonl")
     cfg, p = load_run(run_dir)
-    if decoding is not None:
-        cfg.decoding = decoding
-    metrics, loss, _ = evaluate_split(p, cfg, split)
+    if not p.generative and (decoding not in (None, Sampling()) or max_new_tokens is not None):
+        raise PeftlabError(f"'{run_dir}' is a classification run: decoding settings (--temperature, --top-k, "
+                           "--top-p, --repetition-penalty, --max-new-tokens) apply to generation runs only")
+    if predictions is not None and p.multi:
+        raise PeftlabError(f"'{run_dir}' is a multi-task run: its rows have no one label set to write "
+                           "predictions in; evaluate without --predictions")
+    cfg.decoding = decoding or cfg.decoding
+    cfg.max_new_tokens = max_new_tokens or cfg.max_new_tokens
+    cfg.seed = cfg.seed if seed is None else seed
+    metrics, loss, outputs = evaluate_split(p, cfg, split, progress=True)
+    if predictions is not None:
+        save_predictions(Path(predictions), p, split, outputs)
     return {**metrics, "loss": loss, "rows": len(p.data[split])}

@@ -152,10 +152,10 @@ def predict(model: nn.Module, enc: Encoded, logits: Logits, batch_size: int, buc
 
 def evaluate(model: nn.Module, enc: Encoded, batch_size: int, pad_id: int, side: str,
              cache: FeatureCache | None = None, precision: str = "fp32",
-             score: Callable[[torch.Tensor], dict] | None = None) -> tuple[dict, float]:
-    """Metrics (accuracy, macro-F1, MCC; or `score(logits)`) and mean loss on one split."""
+             score: Callable[[torch.Tensor], dict] | None = None) -> tuple[dict, float, np.ndarray]:
+    """Metrics (accuracy, macro-F1, MCC; or `score(logits)`), mean loss and the logits of one split."""
     logits, loss = predict(model, enc, logits_fn(model, enc, pad_id, side, cache), batch_size, precision=precision)
-    return (score(logits) if score else classification_metrics(logits.argmax(-1), enc.labels)), loss
+    return (score(logits) if score else classification_metrics(logits.argmax(-1), enc.labels)), loss, logits
 
 
 @dataclass

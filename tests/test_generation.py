@@ -1,6 +1,7 @@
 """Generation: label masking, the LM loss, separator tokens, stop strings, streaming, runs."""
 
 import io
+import json
 import random
 
 import pytest
@@ -148,9 +149,17 @@ def test_a_tiny_model_learns_a_toy_generation_task(toy_gen, tmp_path, capsys):
     assert r["kind"] == "generation" and r["metric"] == "rougeL"
     assert r["test"]["exact_match"] >= 90, r["test"]
     assert r["history"][-1]["val_loss"] < r["history"][0]["val_loss"]
-    lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == 60
+    lines = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 60 and all(x.keys() == {"input", "output", "reference"} for x in lines)
+    assert all(f"the {x['reference']}" in x["input"] for x in lines)  # each row's own prompt
     assert eval_run(tmp_path / "run")["exact_match"] == pytest.approx(r["test"]["exact_match"])
+    # other decoding settings, seeded, with the outputs written where asked
+    argv = ["eval", str(tmp_path / "run"), "--temperature", "2", "--seed", "3", "--max-new-tokens", "1"]
+    for name in ("a.jsonl", "b.jsonl"):
+        assert main([*argv, "--predictions", str(tmp_path / name)]) == 0
+    a, b = ((tmp_path / n).read_text() for n in ("a.jsonl", "b.jsonl"))
+    assert a == b and a != (tmp_path / "run" / "predictions.jsonl").read_text()  # same seed, same samples
+    capsys.readouterr()
     # the CLI continues a prompt framed like the training data
     assert main(["generate", str(tmp_path / "run"), "--prompt", "old the dog far near"]) == 0
     assert capsys.readouterr().out.strip() == "dog"

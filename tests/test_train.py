@@ -96,10 +96,13 @@ def test_cli_train_eval_and_compare(toy_task, tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["train", "--model", "tiny-bert", "--task", toy_task, "--method", "last-block+norm",
                  "--epochs", "1", "--lr", "1e-3", "--out", str(out)]) == 0
-    assert {"config.json", "metrics.json", "trainable.safetensors"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.json", "trainable.safetensors", "predictions.jsonl"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"test", "trainable_params", "total_params", "wall_time_s", "time_per_epoch_s", "tokens_per_s",
             "peak_memory_mb"} <= set(metrics)
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]  # label names, per row
+    assert len(preds) == metrics["test_rows"] and all(x["input"] for x in preds)
+    assert sum(x["output"] == x["reference"] for x in preds) / len(preds) == pytest.approx(metrics["test"]["accuracy"])
     val = metrics["history"][0]["val"][metrics["metric"]]  # the epoch line in %, as the table below it
     assert f"val {metrics['metric']} {100 * val:.1f}  (" in capsys.readouterr().out
     assert main(["eval", str(out)]) == 0
