@@ -110,15 +110,23 @@ def load_yaml(path: str | Path, what: str = "file"):
     return _parse(path, yaml.safe_load, yaml.YAMLError, "YAML", f"{what} '{{path}}' does not exist")
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    folder = Path(os.path.abspath(folder))
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
 @contextlib.contextmanager
-def no_empty_folder(folder: Path, fresh: bool):
-    """If the block fails and leaves `folder` empty, remove it when it is new (`fresh`): a run
-    refused before it began leaves nothing behind."""
+def no_empty_folder(new: list[Path]):
+    """If the block fails, remove each of the `new` folders (made for it: see `missing_folders`)
+    that it left empty, deepest first: a run refused before it began leaves nothing behind, not
+    even the runs/ folder it would have gone in."""
     try:
         yield
     except BaseException:
-        if fresh and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        for folder in new:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from peftlab.checkpoint import load_json, no_empty_folder, save_json
+from peftlab.checkpoint import load_json, missing_folders, no_empty_folder, save_json
 from peftlab.errors import Interrupted, PeftlabError
 from peftlab.lab import Cell, connect, finished, index_row, same_config, upsert
 from peftlab.measure import fmt_params, fmt_seconds
@@ -35,7 +35,7 @@ def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[d
     warn_unread(cfg, methods)
     out = Path(cfg.out) if cfg.out else default_run_dir(dataclasses.replace(cfg, method="compare"))
     records, cells = [], []
-    with no_empty_folder(out, not out.exists()):
+    with no_empty_folder(missing_folders(out)):
         try:
             for m in methods:
                 run_dir = out / m.replace("+", "_")

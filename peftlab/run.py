@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from peftlab import parallel
 from peftlab.batching import Encoded, encode
 from peftlab.checkpoint import atomic_write_text, check_free_space, load_checkpoint, load_json, load_weights, \
-    no_empty_folder, save_checkpoint, save_json, save_weights
+    missing_folders, no_empty_folder, save_checkpoint, save_json, save_weights
 from peftlab.data import Task, load_task, per_class, subset
 from peftlab.errors import Interrupted, PeftlabError
 from peftlab.features import FeatureCache, build_caches, cut_point
@@ -261,13 +261,13 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
         warn_unread(cfg)
     main = parallel.is_main()
     out = Path(cfg.out) if cfg.out else parallel.gather_objects(default_run_dir(cfg))[0]  # rank 0's name
-    fresh = parallel.gather_objects(not out.exists())[0]  # rank 0's view, before any process makes it
+    new = parallel.gather_objects(missing_folders(out))[0]  # rank 0's view, before any process makes them
     _check_writable(out)
     ckpt_path = out / CHECKPOINT
     ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
     t_start = time.perf_counter()
     with PeakMemory() as mem:
-        with no_empty_folder(out, fresh and main):
+        with no_empty_folder(new if main else []):
             p = prepare(cfg, backbone)
             _check_space(out, p)
         if main:

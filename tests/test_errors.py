@@ -420,6 +420,8 @@ def test_bad_input_gives_one_line_error(case: Case, tmp_path, monkeypatch, reque
         assert fragment in err, f"{fragment!r} not in {err!r}"
     runs = tmp_path / "runs"
     assert not runs.is_dir() or all(any(d.iterdir()) for d in runs.iterdir()), "a refused run left an empty folder"
+    if not any(a in argv for a in ("--out", "eval", "generate", "export", "merge", "runs", "report")):
+        assert not runs.exists() or any(runs.iterdir()), "a refused run left an empty runs/ folder"
 
 
 def test_catalogue_ids_are_unique_and_documented():
