@@ -332,6 +332,14 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
                 bar.update(len(group))
                 bar.set_postfix(loss=f"{pos.loss_sum / max(1, pos.seen):.4f}",
                                 tok_s=f"{pos.tokens / (time.perf_counter() - t0):.0f}")
+                tenth = lambda b: 10 * b // len(batches)
+                if progress and bar.disable and len(batches) >= 20 and tenth(pos.batch) > tenth(g0) \
+                        and pos.batch < len(batches):  # no bar (output to a file): a line every tenth of the epoch
+                    spent = time.perf_counter() - t0
+                    eta = spent / pos.batch * (len(batches) - pos.batch)
+                    tqdm.write(f"epoch {pos.epoch + 1}/{args.epochs}: batch {pos.batch}/{len(batches)}  train loss "
+                               f"{pos.loss_sum / max(1, pos.seen):.4f}  {pos.tokens / spent:.0f} tok/s  epoch ETA "
+                               + (f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.1f} min"))
                 if pos.batch == len(batches) or (args.save_every and sched.last_epoch % args.save_every == 0):
                     pos.seconds = time.perf_counter() - t0
                     checkpoint(torch.get_rng_state())

@@ -169,3 +169,12 @@ def test_test_predictions_without_information_are_warned_about(toy_task, tmp_pat
     with pytest.warns(UserWarning, match=r"carry no information about the labels \(MCC 0, accuracy 50.0%\).*"
                                          r"--head label-words"):
         train_run(cfg, progress=False)
+
+
+def test_without_a_terminal_training_prints_a_line_every_tenth_of_an_epoch(toy_task, tmp_path, capsys):
+    cfg = RunConfig(model="tiny-gpt2", task=toy_task, method="last-1", out=str(tmp_path / "r"),
+                    train=TrainArgs(epochs=1, batch_size=8))  # 400 rows: 50 batches; pytest's output is no tty
+    train_run(cfg)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/1: batch")]
+    assert [int(x.split()[3].split("/")[0]) for x in lines] == [5, 10, 15, 20, 25, 30, 35, 40, 45]
+    assert all("train loss" in x and "tok/s" in x and "epoch ETA" in x for x in lines)
