@@ -14,8 +14,8 @@ from peftlab.measure import fmt_params, fmt_seconds
 from peftlab.metrics import percent
 from peftlab.methods import parse_method
 from peftlab.report import write_report
-from peftlab.run import METRICS, default_run_dir, train_run, warn_unread
-from peftlab.runconfig import RunConfig
+from peftlab.run import METRICS, default_run_dir, train_run
+from peftlab.runconfig import RunConfig, warn_unread
 
 
 def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[dict]:

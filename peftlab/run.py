@@ -32,11 +32,11 @@ from peftlab.generation import GenTask, Pairs, collate_pairs, encode_pairs, eval
     is_generation, lm_loss, load_gen_task
 from peftlab.heads import Classifier, LanguageModel
 from peftlab.measure import PeakMemory, count_params, machine, versions
-from peftlab.methods import parse_method, positions, set_trainable, trainable_names, unread_args
+from peftlab.methods import parse_method, positions, set_trainable, trainable_names
 from peftlab.models import Backbone, load_backbone, same_model
 from peftlab.multitask import MultiTask, MultiTaskClassifier, apply_freeze, join, learning_tasks, multi_metrics, \
     plan_batches
-from peftlab.runconfig import RunConfig
+from peftlab.runconfig import RunConfig, warn_unread
 from peftlab.speed import tune_allocator
 from peftlab.train import TensorBoard, evaluate, logits_fn, train
 
@@ -138,24 +138,6 @@ def prepare(cfg: RunConfig, backbone: Backbone | None = None, transfer: bool = T
                            " trains nothing; pick a method that adds parameters (e.g. prompt, lora) or use --head linear")
     set_trainable(model, trainable)
     return Prepared(backbone, model, task, data, trainable, cfg.train.lr or method.default_lr, carried)
-
-
-def warn_unread(cfg: RunConfig, methods: list[str] | None = None) -> None:
-    """Settings the run would ignore (with `methods`: that every one of them ignores, as compare
-    runs them): said once, before any work."""
-    flag = lambda name: "--" + name.replace("_", "-")
-    specs = [m for m in (methods or [cfg.method]) if not m.endswith((".yaml", ".yml"))]
-    each = [unread_args(parse_method(m, cfg.method_args), cfg.method_args) for m in specs]
-    unread = [n for n in (each[0] if each else []) if all(n in e for e in each)]
-    if unread:
-        who = f"method '{cfg.method}' does not" if methods is None else f"none of {', '.join(methods)}"
-        warnings.warn(f"{', '.join(map(flag, unread))} set, but {who} use{'s' if methods else ''} "
-                      f"{'it' if len(unread) == 1 else 'them'}")
-    if cfg.label_words and cfg.head != "label-words":
-        warnings.warn("--label-words set, but only --head label-words scores label words (the head is linear)")
-    if cfg.method_args.prompt_text and cfg.method_args.prompt_init != "text":
-        warnings.warn(f"--prompt-text set, but --prompt-init is '{cfg.method_args.prompt_init}'; add --prompt-init "
-                      "text to start from it")
 
 
 def _check_context(cfg: RunConfig, method, config) -> None:

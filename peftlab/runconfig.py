@@ -3,6 +3,7 @@ CLI flag, and config.json in a run directory holds one)."""
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -11,7 +12,7 @@ from peftlab.config import build, check_fields
 from peftlab.decode import Sampling
 from peftlab.errors import PeftlabError
 from peftlab.heads import POOLINGS
-from peftlab.methods import MethodArgs
+from peftlab.methods import MethodArgs, parse_method, unread_args
 from peftlab.train import TrainArgs
 
 
@@ -111,3 +112,21 @@ class RunConfig:
     def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
         """A saved config; keys from a newer peftlab are warned about and ignored."""
         return build(cls, d, where)
+
+
+def warn_unread(cfg: RunConfig, methods: list[str] | None = None) -> None:
+    """Settings the run would ignore (with `methods`: that every one of them ignores, as compare
+    runs them): said once, before any work."""
+    flag = lambda name: "--" + name.replace("_", "-")
+    specs = [m for m in (methods or [cfg.method]) if not m.endswith((".yaml", ".yml"))]
+    each = [unread_args(parse_method(m, cfg.method_args), cfg.method_args) for m in specs]
+    unread = [n for n in (each[0] if each else []) if all(n in e for e in each)]
+    if unread:
+        who = f"method '{cfg.method}' does not" if methods is None else f"none of {', '.join(methods)}"
+        warnings.warn(f"{', '.join(map(flag, unread))} set, but {who} use{'s' if methods else ''} "
+                      f"{'it' if len(unread) == 1 else 'them'}")
+    if cfg.label_words and cfg.head != "label-words":
+        warnings.warn("--label-words set, but only --head label-words scores label words (the head is linear)")
+    if cfg.method_args.prompt_text and cfg.method_args.prompt_init != "text":
+        warnings.warn(f"--prompt-text set, but --prompt-init is '{cfg.method_args.prompt_init}'; add --prompt-init "
+                      "text to start from it")

@@ -170,7 +170,7 @@ def test_compare_warns_once_about_settings_none_of_its_methods_use():
     import warnings
 
     from peftlab.methods import MethodArgs
-    from peftlab.run import warn_unread
+    from peftlab.runconfig import warn_unread
     from peftlab.runconfig import RunConfig
 
     cfg = RunConfig(method_args=MethodArgs(lora_r=4, virtual_tokens=5))
