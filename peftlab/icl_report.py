@@ -8,6 +8,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from peftlab.metrics import percent
+
 
 def table_title(records: list[dict]) -> str:
     r = records[0]
@@ -16,17 +18,13 @@ def table_title(records: list[dict]) -> str:
 
 
 def table_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    names, scale = list(records[0]["metrics"]), _scale(records[0])
+    names = list(records[0]["metrics"])
     cols = ["k", "draws", *names, "tokens/prompt", "seconds"]
     rows = [[str(r["k"]), str(len(r["values"])),
-             *[f"{scale * r['metrics'][m]['mean']:.1f}" + (f" ± {scale * r['metrics'][m]['std']:.1f}"
-                                                          if len(r["values"]) > 1 else "") for m in names],
+             *[f"{percent(m, r['metrics'][m]['mean']):.1f}" + (f" ± {percent(m, r['metrics'][m]['std']):.1f}"
+                                                             if len(r["values"]) > 1 else "") for m in names],
              f"{r['prompt_tokens']:.0f}", f"{r['seconds']:.1f}"] for r in records]
     return cols, rows
-
-
-def _scale(record: dict) -> float:
-    return 1.0 if record.get("percent") else 100.0
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -66,10 +64,9 @@ def plot_curve(records: list[dict], path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     x = np.arange(len(records))
-    scale = _scale(r0)
     for m in dict.fromkeys([r0["metric"], "accuracy" if "accuracy" in r0["metrics"] else r0["metric"]]):
-        mean = [scale * r["metrics"][m]["mean"] for r in records]
-        std = [scale * r["metrics"][m]["std"] for r in records]
+        mean = [percent(m, r["metrics"][m]["mean"]) for r in records]
+        std = [percent(m, r["metrics"][m]["std"]) for r in records]
         label = m + (" (task metric)" if m == r0["metric"] else "")
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=4, label=label)
     ax.set_xticks(x, [str(r["k"]) for r in records])
