@@ -174,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             raise PeftlabError(f"`peftlab {args.command}` runs in one process; under torchrun use `peftlab train`")
         return COMMANDS[args.command](args) or 0
     except PeftlabError as e:
-        print(f"peftlab: error: {e}", file=sys.stderr)
+        if parallel.is_main():  # every process meets the same bad input: one says it
+            print(f"peftlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print("peftlab: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
+        if parallel.is_main():  # one message under torchrun, not one a process
+            print("peftlab: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     finally:
         if parallel.world() > 1:

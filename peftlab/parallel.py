@@ -7,9 +7,8 @@ and a checkpoint (full tensors, written by rank 0) resumes under any number of t
 """
 
 import functools
+import logging
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -161,7 +160,7 @@ def set_rng(saved: torch.Tensor) -> None:
     process the checkpoint did not have draws from a stream of its own."""
     states = saved if saved.dim() == 2 else saved[None]
     if rank() < len(states):
-        torch.set_rng_state(states[rank()])
+        torch.set_rng_state(states[rank()].clone())  # a row view: set_rng_state would read from its storage's start
     else:
         torch.set_rng_state(states[0])
         torch.manual_seed(torch.randint(2**62, ()).item() + rank())
@@ -283,10 +282,22 @@ def gathered(model: nn.Module) -> Iterator[None]:
 # -- launching ---------------------------------------------------------------------------------
 
 def launch(argv: list[str], nproc: int) -> int:
-    """`peftlab train --nproc N ...`: run the same command under torchrun on this machine."""
-    env = dict(os.environ)
+    """`peftlab train --nproc N ...`: run the same command under torchrun on this machine (its
+    launcher in this process), and return the processes' exit code. The processes say what
+    went wrong (rank 0 alone): torchrun's own tracebacks and warnings are left out."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
     # torchrun's default of one thread per process leaves cores idle: share them out instead
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "peftlab", *argv]
-    return subprocess.call(cmd, env=env)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    for name in list(logging.root.manager.loggerDict):  # each of torchrun's modules sets its own level
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "peftlab", *argv]))
+    except SignalException:  # Ctrl-C reached the processes too: rank 0 says where the run was saved
+        return 130
+    except ChildFailedError as e:
+        return e.get_first_failure()[1].exitcode
+    return 0

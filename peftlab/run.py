@@ -289,7 +289,7 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
             nonlocal kept
             if main:
                 save_checkpoint(ckpt_path, *c)
-                kept = c[1]["position"]
+            kept = c[1]["position"]
 
         t_train = time.perf_counter()
         try:
@@ -349,8 +349,8 @@ def train_run(cfg: RunConfig, *, backbone: Backbone | None = None, progress: boo
 
 def _resume_hint(out: Path, kept: dict | None) -> str:
     if kept is None:
-        return (f"nothing was saved before the first checkpoint (every --save-every steps and at each epoch's "
-                f"end); `peftlab train --resume {out}` starts the run again with its settings")
+        return (f"nothing was saved before the first checkpoint (written at each epoch's end, and every "
+                f"--save-every steps when set); `peftlab train --resume {out}` starts the run again with its settings")
     return (f"the run is saved in '{out}' at epoch {kept['epoch'] + 1}, batch {kept['batch']}: "
             f"`peftlab train --resume {out}` continues from there")
 

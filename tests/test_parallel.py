@@ -143,6 +143,27 @@ def test_one_process_helpers_are_no_ops():
     assert parallel.resolve("fsdp", torch.nn.Linear(2, 2)) == "none"
 
 
+def test_bad_input_under_two_processes_is_said_once(tmp_path):
+    write_jsonl(tmp_path / "d" / "train.jsonl", [{"x": "a", "label": 0}, {"x": "b", "label": 1}])
+    p = subprocess.run([sys.executable, "-m", "peftlab", "train", "--nproc", "2", "--model", "tiny-gpt2", "--task",
+                        str(tmp_path / "d" / "train.jsonl"), "--out", str(tmp_path / "r")],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    lines = p.stderr.strip().splitlines()  # one line from rank 0; no torchrun traceback or log lines
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("peftlab: error: a single data file needs")
+
+
+def test_each_process_resumes_its_own_rng_stream(monkeypatch):
+    """A checkpoint of two processes stacks their RNG states; rank 1 restores row 1 (a view whose
+    storage starts at row 0: restoring it uncopied failed with 'Invalid mt19937 state')."""
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    monkeypatch.setattr(parallel, "rank", lambda: 1)
+    parallel.set_rng(torch.stack(states))
+    assert torch.equal(torch.get_rng_state(), states[1])
+
+
 def test_commands_other_than_train_are_refused_under_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["compare", "--methods", "head"]) == 2
