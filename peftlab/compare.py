@@ -14,7 +14,7 @@ from peftlab.measure import fmt_params, fmt_seconds
 from peftlab.metrics import percent
 from peftlab.methods import parse_method
 from peftlab.report import write_report
-from peftlab.run import METRICS, default_run_dir, train_run
+from peftlab.run import CONFIG, METRICS, default_run_dir, train_run
 from peftlab.runconfig import RunConfig, warn_unread
 
 
@@ -34,13 +34,17 @@ def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[d
                            "(for repeats, use an experiment file with seeds)")
     warn_unread(cfg, methods)
     out = Path(cfg.out) if cfg.out else default_run_dir(dataclasses.replace(cfg, method="compare"))
-    records, cells = [], []
+    cells = [Cell({"method": m}, dataclasses.replace(cfg, method=m, out=str(out / m.replace("+", "_"))),
+                  out / m.replace("+", "_")) for m in methods]
+    other = [c.id for c in cells if (c.run_dir / CONFIG).is_file() and not same_config(c)]
+    if other:  # run again with the same --out, a compare continues; with other settings it would mix two
+        raise PeftlabError(f"'{out}' holds a compare run with other settings ({', '.join(other)}: see their "
+                           "config.json); give a new --out, or the same settings to continue it")
+    records = []
     with no_empty_folder(missing_folders(out)):
         try:
-            for m in methods:
-                run_dir = out / m.replace("+", "_")
-                cell = Cell({"method": m}, dataclasses.replace(cfg, method=m, out=str(run_dir)), run_dir)
-                cells.append(cell)
+            for m, cell in zip(methods, cells):
+                run_dir = cell.run_dir
                 done = finished(cell)  # a compare run again with the same --out: finished methods are kept
                 if progress:
                     Console(stderr=True).rule(f"[bold]{m}" + (" (finished before: kept)" if done else ""))
@@ -52,8 +56,11 @@ def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[d
     save_json(out / "compare.json", records)
     (out / "compare.md").write_text(markdown_table(records))
     db = connect(out)  # `peftlab runs` and `peftlab report` read it as an experiment's
+    ids = [c.id for c in cells]  # methods of an earlier call that this one left out are not its results
+    db.execute(f"DELETE FROM runs WHERE id NOT IN ({', '.join('?' * len(ids))})", ids)
     for cell, record in zip(cells, records):
         upsert(db, index_row(cell, record))
+    db.commit()
     db.close()
     write_report(out)
     return records

@@ -152,6 +152,18 @@ def _icl_cell(c: Ctx) -> str:
     return str(run)
 
 
+def _other_compare(c: Ctx) -> list[str]:
+    """A compare folder whose head run was started with --lr 0.5; the command asks for the default."""
+    from peftlab.runconfig import RunConfig
+    from peftlab.train import TrainArgs
+
+    task = folder(c.tmp)
+    earlier = RunConfig(model="tiny-gpt2", task=task, method="head", train=TrainArgs(lr=0.5))
+    (c.tmp / "cmp" / "head").mkdir(parents=True)
+    (c.tmp / "cmp" / "head" / "config.json").write_text(json.dumps(asdict(earlier.portable())))
+    return ["compare", "--model", "tiny-gpt2", "--task", task, "--methods", "head,lora", "--out", str(c.tmp / "cmp")]
+
+
 def _corrupt_index(c: Ctx) -> str:
     (c.tmp / "index.sqlite").write_bytes(b"this is not a database" * 100)
     return str(c.tmp)
@@ -348,6 +360,8 @@ CASES = [
     Case("compare-a-method-twice", lambda c: ["compare", "--model", "tiny-gpt2", "--task", folder(c.tmp),
                                               "--methods", "head,lora, head", "--out", str(c.tmp / "cmp")],
          ("--methods names 'head' twice", "give each method once")),
+    Case("compare-into-another-compare", _other_compare,
+         ("cmp' holds a compare run with other settings (head: see their config.json)", "give a new --out")),
     Case("experiment-misspelled-key", lambda c: ["run", put(c.tmp, "e.yaml", "grids: {method: [head]}\n")],
          ("has unknown key(s) ['grids']", "did you mean 'grid'?")),
     Case("experiment-list-in-defaults", lambda c: ["run", put(c.tmp, "e.yaml", "defaults: {seed: [0, 1]}\n"

@@ -23,6 +23,7 @@ from torch import nn
 from peftlab.checkpoint import load_checkpoint
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
+from peftlab.lab import query
 from peftlab.run import CHECKPOINT, METRICS, WEIGHTS, train_run
 from peftlab.runconfig import RunConfig
 from peftlab.saved import resume_run
@@ -114,6 +115,11 @@ def test_an_interrupted_compare_continues_with_the_same_out(reference, tmp_path,
     assert calls == [("head", False), ("lora", False), ("lora", True)]  # head kept, lora resumed
     assert json.loads((out / "lora" / METRICS).read_text())["resumes"] == 1
     assert "finished before: kept" in capsys.readouterr().err
+    assert main([*argv, "--lr", "0.01"]) == 2  # other settings into the same --out would mix two compares
+    assert f"'{out}' holds a compare run with other settings (head, lora" in capsys.readouterr().err
+    monkeypatch.setattr(compare_module, "train_run", real)
+    assert main([a if a != "head,lora" else "head" for a in argv]) == 0  # fewer methods: the index follows
+    assert [r["method"] for r in query(out)] == ["head"] and "lora" not in (out / "report.md").read_text()
 
 
 # Runs `peftlab train` in a child process that SIGKILLs itself at a chosen moment:
