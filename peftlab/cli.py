@@ -28,19 +28,22 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                        unset: str | None = None) -> None:
+    """A flag per field. `unset`: every flag defaults to None, its help saying what that means
+    (e.g. "the run's": only the flags given override a saved config)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or dataclasses.is_dataclass(hints[f.name]):
             continue
         tp = _flag_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default if f.default is not dataclasses.MISSING and unset is None else None
         choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else None
         flag = {"nargs": "?", "const": True} if tp is bool else {}  # a bare --chat means --chat true
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_bool if tp is bool else tp,
                             default=default, choices=choices, metavar=None if choices else tp.__name__.upper(), **flag,
                             help=f.metadata.get("help", "") + ("" if "default" in f.metadata.get("help", "")
-                                                               else f" (default: {default})"))
+                                                               else f" (default: {unset or default})"))
 
 
 def _pick(ns: argparse.Namespace, cls) -> dict:
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a finished run directory")
     e.add_argument("run_dir")
     e.add_argument("--split", default="test", choices=("train", "validation", "test"), help="default: test")
-    add_dataclass_flags(e, Sampling)  # generation runs: decode with other settings than in training
+    add_dataclass_flags(e, Sampling, unset="the run's")  # generation runs: decode otherwise than in training
     e.add_argument("--max-new-tokens", type=int, default=None, metavar="INT", help="generation runs: tokens to decode at most "
                    "(default: the run's)")
     e.add_argument("--seed", type=int, default=None, metavar="INT", help="generation runs: the sampling seed (default: the run's)")
@@ -247,7 +250,8 @@ def cmd_eval(args) -> None:
     from peftlab.decode import Sampling
     from peftlab.metrics import percent
 
-    m = eval_run(args.run_dir, args.split, Sampling(**_pick(args, Sampling)), max_new_tokens=args.max_new_tokens,
+    given = {k: v for k, v in _pick(args, Sampling).items() if v is not None}
+    m = eval_run(args.run_dir, args.split, given or None, max_new_tokens=args.max_new_tokens,
                  seed=args.seed, predictions=args.predictions)
     shown = "  ".join(f"{k} {percent(k, v):.1f}" for k, v in m.items() if k not in ("rows", "loss"))
     print(f"{args.split} ({m['rows']} rows, metrics in %): {shown}  loss {m['loss']:.4f}")

@@ -1,6 +1,7 @@
 """Run directories read back: continue an interrupted run, rebuild a finished run's model,
 evaluate it on a split (what `peftlab train --resume`, `peftlab eval`, export and merge use)."""
 
+import dataclasses
 from pathlib import Path
 
 from peftlab.checkpoint import load_json, load_weights
@@ -70,12 +71,13 @@ def load_run(run_dir: str | Path, backbone: Backbone | None = None) -> tuple[Run
     return cfg, p
 
 
-def eval_run(run_dir: str | Path, split: str = "test", decoding: Sampling | None = None, *,
+def eval_run(run_dir: str | Path, split: str = "test", decoding: Sampling | dict | None = None, *,
              max_new_tokens: int | None = None, seed: int | None = None,
              predictions: str | Path | None = None) -> dict[str, float]:
     """Metrics of a saved run on one split. Generation runs may decode with other `decoding`
-    settings, `max_new_tokens` and sampling `seed` (default: the run's). `predictions`: a .jsonl
-    file for each row's input, output and reference."""
+    settings (a Sampling, or a dict of the fields to change in the run's), `max_new_tokens` and
+    sampling `seed` (default: the run's). `predictions`: a .jsonl file for each row's input,
+    output and reference."""
     if split not in ("train", "validation", "test"):
         raise PeftlabError(f"--split '{split}' is unknown; valid: train, validation, test")
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -88,12 +90,14 @@ def eval_run(run_dir: str | Path, split: str = "test", decoding: Sampling | None
         if Path(predictions).is_dir():
             raise PeftlabError(f"--predictions '{predictions}' is a folder; give a file name such as preds.jsonl")
     cfg, p = load_run(run_dir)
-    if not p.generative and (decoding not in (None, Sampling()) or max_new_tokens is not None):
+    if not p.generative and (decoding not in (None, {}, Sampling()) or max_new_tokens is not None or seed is not None):
         raise PeftlabError(f"'{run_dir}' is a classification run: decoding settings (--temperature, --top-k, "
-                           "--top-p, --repetition-penalty, --max-new-tokens) apply to generation runs only")
+                           "--top-p, --repetition-penalty, --max-new-tokens, --seed) apply to generation runs only")
     if predictions is not None and p.multi:
         raise PeftlabError(f"'{run_dir}' is a multi-task run: its rows have no one label set to write "
                            "predictions in; evaluate without --predictions")
+    if isinstance(decoding, dict):
+        decoding = Sampling(**{**dataclasses.asdict(cfg.decoding), **decoding})
     cfg.decoding = decoding or cfg.decoding
     cfg.max_new_tokens = max_new_tokens or cfg.max_new_tokens
     cfg.seed = cfg.seed if seed is None else seed

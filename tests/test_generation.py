@@ -159,6 +159,14 @@ def test_a_tiny_model_learns_a_toy_generation_task(toy_gen, tmp_path, capsys):
         assert main([*argv, "--predictions", str(tmp_path / name)]) == 0
     a, b = ((tmp_path / n).read_text() for n in ("a.jsonl", "b.jsonl"))
     assert a == b and a != (tmp_path / "run" / "predictions.jsonl").read_text()  # same seed, same samples
+    # a flag not given keeps the run's setting: a run saved with temperature 2 samples at 2
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["decoding"]["temperature"] = 2.0
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    assert main([a for a in argv if a not in ("--temperature", "2")] + ["--predictions", str(tmp_path / "c.jsonl")]) == 0
+    assert (tmp_path / "c.jsonl").read_text() == a
+    config["decoding"]["temperature"] = 0.0
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     capsys.readouterr()
     # the CLI continues a prompt framed like the training data
     assert main(["generate", str(tmp_path / "run"), "--prompt", "old the dog far near"]) == 0
