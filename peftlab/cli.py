@@ -253,7 +253,8 @@ def cmd_eval(args) -> None:
     given = {k: v for k, v in _pick(args, Sampling).items() if v is not None}
     m = eval_run(args.run_dir, args.split, given or None, max_new_tokens=args.max_new_tokens,
                  seed=args.seed, predictions=args.predictions)
-    shown = "  ".join(f"{k} {percent(k, v):.1f}" for k, v in m.items() if k not in ("rows", "loss"))
+    shown = "  ".join(f"{k} {percent(k, v):.1f}" + (" words" if k == "gen_words" else "")
+                      for k, v in m.items() if k not in ("rows", "loss"))
     print(f"{args.split} ({m['rows']} rows, metrics in %): {shown}  loss {m['loss']:.4f}")
     if args.predictions:
         print(f"predictions: {args.predictions}")

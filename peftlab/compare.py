@@ -104,7 +104,8 @@ def notes(records: list[dict]) -> list[str]:
 
 def print_table(records: list[dict], console: Console | None = None) -> None:
     r0 = records[0]
-    table = Table(title=f"{r0['model']} on {r0['task']}: test metrics in % ({r0['test_rows']} test rows, "
+    words = ", gen_words in words" if any(r.get("kind") == "generation" for r in records) else ""
+    table = Table(title=f"{r0['model']} on {r0['task']}: test metrics in %{words} ({r0['test_rows']} test rows, "
                         f"{r0['train_rows']} training rows)", caption="\n".join(notes(records)) or None,
                   caption_justify="left")
     for c in columns(records):

@@ -347,6 +347,8 @@ def run_experiment(path: str | Path, out: str | Path | None = None, progress: bo
     finally:
         if live:
             live.stop()
+            if not live.console.is_terminal:  # rich leaves the last line open there
+                live.console.line()
     return query(out)
 
 

@@ -185,7 +185,8 @@ def sweeps(groups: list[dict]) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
     keys = {k for g in groups for k in g["settings"]} - {"model", "task", "method"}
     for k in sorted(keys):
-        values = {g["settings"][k] for g in groups if isinstance(g["settings"].get(k), (int, float))}
+        values = {g["settings"][k] for g in groups
+                  if isinstance(g["settings"].get(k), (int, float)) and not isinstance(g["settings"][k], bool)}
         if len(values) >= 2:
             found[k] = [g for g in groups if k in g["settings"]]
     return found

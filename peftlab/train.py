@@ -25,6 +25,7 @@ from peftlab.config import check_fields
 from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, logits_from_cache
 from peftlab.methods.lora import inference_weights
+from peftlab.measure import fmt_seconds
 from peftlab.metrics import classification_metrics, percent
 from peftlab.parallel import Strategy
 from peftlab.speed import Precision, autocast, bf16_weights, fp32_attention, tune_allocator
@@ -222,6 +223,8 @@ def restore_state(model: nn.Module, opt: torch.optim.Optimizer, sched, ckpt: Che
     sched.load_state_dict(state["scheduler"])
     parallel.set_rng(tensors["rng.torch"])
     pos = Position(**{**state["position"], "history": [Epoch(**e) for e in state["position"]["history"]]})
+    if "elapsed" not in state["position"]:  # written before checkpoints kept it: the epochs' time at least
+        pos.elapsed = sum(e.seconds for e in pos.history) + pos.seconds
     pos.resumes += 1
     return pos
 
@@ -352,7 +355,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
             if progress:
                 parts = "  ".join(f"{k} {percent(k, val[k]):.1f}" for k in (metric, *also) if k in val)
                 tqdm.write(f"epoch {ep.epoch}: train loss {ep.train_loss:.4f}  val loss {val_loss:.4f}  val {parts}  "
-                           f"({seconds:.1f}s, {pos.tokens / max(seconds, 1e-9):.0f} tok/s)")
+                           f"({fmt_seconds(seconds)}s, {pos.tokens / max(seconds, 1e-9):.0f} tok/s)")
             if val[metric] > pos.best:
                 pos.best, pos.best_epoch = val[metric], ep.epoch
                 on_best(ep)

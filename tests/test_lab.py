@@ -128,7 +128,7 @@ grid:
 
 
 def test_report_of_a_small_experiment(toy_task, tmp_path, capsys):
-    from peftlab.report import pareto, smooth
+    from peftlab.report import pareto, smooth, sweeps
 
     path = write(tmp_path / "e.yaml", f"""
 name: small
@@ -152,6 +152,9 @@ grid:
     assert "± " in md and "plots/pareto.png" in md
     assert pareto([(10, 0.5), (5, 0.6), (20, 0.7), (8, 0.4)]) == [1, 2]
     assert smooth([4.0, 2.0, 0.0, 2.0], 2).tolist() == [4.0, 3.0, 1.0, 1.0]  # the loss plot's moving average
+    two = [{"settings": {"model": "m", "task": "t", "method": "lora", "bucket": b, "lora_r": r}}
+           for b, r in ((True, 4), (False, 8))]
+    assert list(sweeps(two)) == ["lora_r"]  # two numbers make a sweep; on/off settings do not
     machine = md.split("machine: ")[1].splitlines()[0]
     assert "CPUs" in machine and "{" not in machine  # one plain line, not a dict's repr
 

@@ -82,6 +82,19 @@ def test_interrupted_in_process_then_resumed_is_bit_identical(reference, tmp_pat
     assert_same_run(ref, out)
 
 
+def test_a_checkpoint_without_elapsed_time_still_counts_its_epochs(reference, tmp_path, monkeypatch):
+    from peftlab.checkpoint import save_checkpoint
+
+    task, _ = reference
+    out = tmp_path / "run"
+    interrupt_run(monkeypatch, config(task, out), 10)
+    tensors, state = load_checkpoint(out / CHECKPOINT)
+    del state["position"]["elapsed"]  # as checkpoints written before it was kept
+    save_checkpoint(out / CHECKPOINT, tensors, state)
+    record = resume_run(out, progress=False)
+    assert record["train_time_s"] >= sum(record["time_per_epoch_s"])
+
+
 def test_ctrl_c_before_the_first_checkpoint_says_the_run_starts_again(reference, tmp_path, monkeypatch):
     task, _ = reference
     out = tmp_path / "run"
