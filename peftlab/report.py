@@ -115,13 +115,13 @@ def plot_losses(groups: list[dict], path: Path) -> Path:
             continue
         steps = [x for e in h for x in e.get("losses", [])]  # every optimizer step's loss
         if steps:
-            line, = axes[0].plot(np.arange(1, len(steps) + 1), smooth(steps, max(1, len(steps) // 20)),
+            line, = axes[0].plot(np.arange(1, len(steps) + 1), smooth(steps, max(1, len(steps) // 10)),
                                  label=g["label"])
         else:  # records written before step losses were kept: one point an epoch
             line, = axes[0].plot([e["epoch"] for e in h], [e["train_loss"] for e in h], marker="o", label=g["label"])
         axes[1].plot([e["epoch"] for e in h], [e["val_loss"] for e in h], marker="o", color=line.get_color())
     axes[0].set_xlabel("optimizer step")
-    axes[0].set_ylabel("training loss (moving average over 5% of the steps)")
+    axes[0].set_ylabel("training loss (moving average over 10% of the steps)")
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("validation loss")
     axes[1].xaxis.get_major_locator().set_params(integer=True)
