@@ -207,11 +207,12 @@ def index_row(cell: Cell, record: dict | None, error: str | None = None) -> dict
            "task": cell.config.task, "method": cell.config.method, "seed": cell.config.seed,
            "params": json.dumps(cell.params, default=str), "run_dir": str(cell.run_dir), "error": error}
     if record:
-        epochs = record["time_per_epoch_s"] or [0.0]
+        epochs = record["time_per_epoch_s"]
         row.update(task=record["task"], metric=record["metric"], value=record["test"][record["metric"]],
                    trainable_params=record["trainable_params"], trainable_pct=record["trainable_pct"],
-                   peak_memory_mb=record["peak_memory_mb"], s_per_epoch=sum(epochs) / len(epochs),
-                   tokens_per_s=record["tokens_per_s"], adapter_bytes=record.get("adapter_bytes"),
+                   peak_memory_mb=record["peak_memory_mb"],
+                   s_per_epoch=sum(epochs) / len(epochs) if epochs else None,  # in-context cells train nothing
+                   tokens_per_s=record["tokens_per_s"] if epochs else None, adapter_bytes=record.get("adapter_bytes"),
                    wall_time_s=record["wall_time_s"], record=json.dumps(record, default=str))
     return row
 

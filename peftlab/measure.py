@@ -92,7 +92,9 @@ def count_params(model: torch.nn.Module, names: list[str]) -> tuple[int, int]:
     return sum(params[n].numel() for n in names), sum(p.numel() for p in params.values())
 
 
-def fmt_seconds(s: float) -> str:
+def fmt_seconds(s: float | None) -> str:
+    if s is None or s != s:  # nothing trained (in-context cells): no epochs to time
+        return "-"
     return f"{s:.1f}" if s >= 1 else f"{s:.2g}"  # an epoch on cached features takes milliseconds
 
 

@@ -54,8 +54,9 @@ def group(rows: list[dict]) -> list[dict]:
             "std": float(values.std(ddof=1)) if len(rs) > 1 else 0.0,  # over seeds: the sample std, as ICL's
             "trainable_params": rs[0]["trainable_params"], "trainable_pct": rs[0]["trainable_pct"],
             "peak_memory_mb": float(np.mean([r["peak_memory_mb"] for r in rs])),
-            "s_per_epoch": float(np.mean([r["s_per_epoch"] for r in rs])),
-            "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in rs])),
+            "s_per_epoch": float(np.mean([r["s_per_epoch"] if r["s_per_epoch"] is not None else np.nan for r in rs])),
+            "tokens_per_s": float(np.mean([r["tokens_per_s"] if r["tokens_per_s"] is not None else np.nan
+                                           for r in rs])),
             "adapter_bytes": rs[0]["adapter_bytes"],
             "eval_s": float(np.mean([r["record"].get("test_time_s", np.nan) for r in rs])),
             "records": [r["record"] for r in rs],
@@ -75,7 +76,8 @@ def results_table(groups: list[dict]) -> tuple[list[str], list[list[str]]]:
     rows = [[g["label"], g["settings"]["task"], g["metric"],
              f"{g['mean']:.1f} ± {g['std']:.1f}" if g["n"] > 1 else f"{g['mean']:.1f}", str(g["n"]),
              fmt_params(g["trainable_params"]), f"{g['trainable_pct']:.2f}", f"{g['peak_memory_mb']:.0f}",
-             fmt_seconds(g['s_per_epoch']), f"{g['tokens_per_s']:.0f}", _size(g["adapter_bytes"])] for g in groups]
+             fmt_seconds(g['s_per_epoch']), f"{g['tokens_per_s']:.0f}" if np.isfinite(g["tokens_per_s"]) else "-",
+             _size(g["adapter_bytes"])] for g in groups]
     return cols, rows
 
 
@@ -91,7 +93,8 @@ def cost_table(groups: list[dict]) -> tuple[list[str], list[list[str]]] | None:
                      and all(f["settings"][k] == g["settings"][k] for k in ("model", "task"))), None)
         if full is None:
             continue
-        rows.append([g["label"], g["settings"]["task"], f"{g['s_per_epoch'] / full['s_per_epoch']:.2f}x",
+        train = g["s_per_epoch"] / full["s_per_epoch"]
+        rows.append([g["label"], g["settings"]["task"], f"{train:.2f}x" if np.isfinite(train) else "-",
                      f"{g['eval_s'] / full['eval_s']:.2f}x" if np.isfinite(g["eval_s"] / full["eval_s"]) else "-",
                      f"{g['peak_memory_mb'] / full['peak_memory_mb']:.2f}x"])
     return (cols, rows) if rows else None

@@ -179,10 +179,13 @@ grid:
     icl = sorted((json.loads(r["params"]).get("shots"), r) for r in rows if r["method"] == "icl")
     assert [k for k, _ in icl] == [0, 2] and all(r["status"] == "done" for _, r in icl)
     assert all(r["trainable_params"] == 0 and 0 <= r["value"] <= 1 for _, r in icl)
+    assert all(r["s_per_epoch"] is None and r["tokens_per_s"] is None for _, r in icl)  # no epochs: no times
     from peftlab.report import write_report
 
     md, page = write_report(tmp_path / "exp")
     assert "icl, shots=2" in md.read_text()
+    icl_row = next(x for x in md.read_text().splitlines() if x.startswith("| icl, shots=2 |"))
+    assert icl_row.split(" | ")[8:10] == ["-", "-"]  # s/epoch and tok/s: nothing trained
     assert (tmp_path / "exp" / "plots" / "sweep_shots.png").is_file()  # two values make a sweep
 
 
