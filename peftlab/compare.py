@@ -9,7 +9,7 @@ from rich.table import Table
 
 from peftlab.checkpoint import load_json, missing_folders, no_empty_folder, save_json
 from peftlab.errors import Interrupted, PeftlabError
-from peftlab.lab import Cell, connect, finished, index_row, same_config, upsert
+from peftlab.lab import Cell, connect, index_row, same_config, upsert
 from peftlab.measure import fmt_params, fmt_seconds
 from peftlab.metrics import percent
 from peftlab.methods import parse_method
@@ -34,22 +34,22 @@ def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[d
                            "(for repeats, use an experiment file with seeds)")
     warn_unread(cfg, methods)
     out = Path(cfg.out) if cfg.out else default_run_dir(dataclasses.replace(cfg, method="compare"))
-    cells = [Cell({"method": m}, dataclasses.replace(cfg, method=m, out=str(out / m.replace("+", "_"))),
-                  out / m.replace("+", "_")) for m in methods]
+    dirs = [out / m.replace("+", "_") for m in methods]
+    cells = [Cell({"method": m}, dataclasses.replace(cfg, method=m, out=str(d)), d) for m, d in zip(methods, dirs)]
     other = [c.id for c in cells if (c.run_dir / CONFIG).is_file() and not same_config(c)]
     if other:  # run again with the same --out, a compare continues; with other settings it would mix two
         raise PeftlabError(f"'{out}' holds a compare run with other settings ({', '.join(other)}: see their "
                            "config.json); give a new --out, or the same settings to continue it")
-    records = []
+    records = []  # every folder there now holds these settings: finished runs are kept, the others resume
     with no_empty_folder(missing_folders(out)):
         try:
-            for m, cell in zip(methods, cells):
-                run_dir = cell.run_dir
-                done = finished(cell)  # a compare run again with the same --out: finished methods are kept
+            for cell in cells:
+                done = (cell.run_dir / METRICS).is_file()
                 if progress:
-                    Console(stderr=True).rule(f"[bold]{m}" + (" (finished before: kept)" if done else ""))
-                records.append(load_json(run_dir / METRICS) if done else
-                               train_run(cell.config, progress=progress, resume=same_config(cell), check_settings=False))
+                    Console(stderr=True).rule(f"[bold]{cell.config.method}" + (" (finished before: kept)" if done else ""))
+                records.append(load_json(cell.run_dir / METRICS) if done else
+                               train_run(cell.config, progress=progress, resume=(cell.run_dir / CONFIG).is_file(),
+                                         check_settings=False))
         except KeyboardInterrupt:
             raise Interrupted(f"the runs so far are in '{out}'; the same compare with --out {out} continues: "
                               "finished methods are kept, the interrupted one resumes from its checkpoint") from None
@@ -59,8 +59,7 @@ def compare(cfg: RunConfig, methods: list[str], progress: bool = True) -> list[d
     ids = [c.id for c in cells]  # methods of an earlier call that this one left out are not its results
     db.execute(f"DELETE FROM runs WHERE id NOT IN ({', '.join('?' * len(ids))})", ids)
     for cell, record in zip(cells, records):
-        upsert(db, index_row(cell, record))
-    db.commit()
+        upsert(db, index_row(cell, record))  # commits, the delete with it
     db.close()
     write_report(out)
     return records

@@ -65,6 +65,9 @@ def resolve(flat: dict) -> RunConfig:
     return build(RunConfig, {**top, **nested}, "experiment cell", unknown="error")
 
 
+ICL = "icl"  # an experiment's method name for in-context cells: k-shot prompts, nothing trained
+
+
 @dataclass
 class Cell:
     """One grid cell: the values it varies, its resolved config, its run folder."""
@@ -77,6 +80,10 @@ class Cell:
     @property
     def id(self) -> str:
         return self.run_dir.name
+
+    @property
+    def in_context(self) -> bool:
+        return self.config.method == ICL
 
 
 @dataclass
@@ -121,11 +128,11 @@ class Experiment:
             flat = {**self.defaults, **params}
             shots = flat.pop("shots", 0)
             cfg = resolve(flat)
-            if "shots" in params and cfg.method != "icl":
+            if "shots" in params and cfg.method != ICL:
                 raise PeftlabError(f"experiment '{self.name}': 'shots' applies to method icl only, but a grid gives it "
                                    f"to method '{cfg.method}' (each would train the same run); give shots in a grid "
                                    "of its own with method: [icl]")
-            if cfg.method != "icl":  # in-context cells train nothing: no method to check
+            if cfg.method != ICL:  # in-context cells train nothing: no method to check
                 parse_method(cfg.method, cfg.method_args)
             digest = hashlib.blake2b(json.dumps([dataclasses.asdict(cfg), shots], sort_keys=True,
                                                 default=str).encode(), digest_size=5).hexdigest()
@@ -142,7 +149,7 @@ class Experiment:
         """Method settings some cells ignore, said once per experiment: swept over a method that
         does not read them (those cells repeat one run), or set in defaults for no method at all."""
         ignored: dict[str, set[str]] = {}
-        trained = [c for c in cells if c.config.method != "icl"]
+        trained = [c for c in cells if not c.in_context]
         for c in trained:
             for name in unread_args(parse_method(c.config.method, c.config.method_args), c.config.method_args):
                 ignored.setdefault(name, set()).add(c.config.method)
@@ -270,7 +277,7 @@ def icl_cell(cell: Cell) -> dict:
                     out_dir=cell.run_dir, batch_size=cfg.train.eval_batch_size, progress=False, show=False,
                     precision=cfg.train.precision)[0]
     record = {
-        "model": cfg.model, "task": r["task"], "method": "icl", "metric": r["metric"], "shots": cell.shots,
+        "model": cfg.model, "task": r["task"], "method": ICL, "metric": r["metric"], "shots": cell.shots,
         "kind": "generation" if r["percent"] else "classification",
         "test": {m: v["mean"] for m, v in r["metrics"].items()}, "validation": {}, "history": [],
         "trainable_params": 0, "trainable_pct": 0.0, "train_rows": 0, "test_rows": r["rows"],
@@ -329,7 +336,7 @@ def run_experiment(path: str | Path, out: str | Path | None = None, progress: bo
                 if (c.run_dir / METRICS).exists():  # finished under another config: start over
                     (c.run_dir / METRICS).unlink()
                 # an interrupted cell continues from its checkpoint
-                record = icl_cell(c) if c.config.method == "icl" else \
+                record = icl_cell(c) if c.in_context else \
                     train_run(c.config, progress=False, resume=same_config(c), check_settings=False)
                 upsert(db, index_row(c, record))
                 status[c.id] = "done"

@@ -1,5 +1,6 @@
 """Measuring a run: peak memory while it runs, and the facts of the machine it ran on."""
 
+import math
 import os
 import platform
 import threading
@@ -93,7 +94,7 @@ def count_params(model: torch.nn.Module, names: list[str]) -> tuple[int, int]:
 
 
 def fmt_seconds(s: float | None) -> str:
-    if s is None or s != s:  # nothing trained (in-context cells): no epochs to time
+    if s is None or math.isnan(s):  # nothing trained (in-context cells): no epochs to time
         return "-"
     return f"{s:.1f}" if s >= 1 else f"{s:.2g}"  # an epoch on cached features takes milliseconds
 

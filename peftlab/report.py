@@ -46,6 +46,7 @@ def group(rows: list[dict]) -> list[dict]:
         key = json.dumps({"model": r["model"], "task": r["task"], **{k: v for k, v in params.items() if k != "seed"}})
         groups[key].append(r)
     out = []
+    mean = lambda rs, k: float(np.mean([np.nan if r[k] is None else r[k] for r in rs]))  # None: nothing trained
     for key, rs in groups.items():
         values = np.array([percent(r["metric"], r["value"]) for r in rs])
         out.append({
@@ -53,10 +54,8 @@ def group(rows: list[dict]) -> list[dict]:
             "metric": rs[0]["metric"], "mean": float(values.mean()), "n": len(rs),
             "std": float(values.std(ddof=1)) if len(rs) > 1 else 0.0,  # over seeds: the sample std, as ICL's
             "trainable_params": rs[0]["trainable_params"], "trainable_pct": rs[0]["trainable_pct"],
-            "peak_memory_mb": float(np.mean([r["peak_memory_mb"] for r in rs])),
-            "s_per_epoch": float(np.mean([r["s_per_epoch"] if r["s_per_epoch"] is not None else np.nan for r in rs])),
-            "tokens_per_s": float(np.mean([r["tokens_per_s"] if r["tokens_per_s"] is not None else np.nan
-                                           for r in rs])),
+            "peak_memory_mb": mean(rs, "peak_memory_mb"), "s_per_epoch": mean(rs, "s_per_epoch"),
+            "tokens_per_s": mean(rs, "tokens_per_s"),
             "adapter_bytes": rs[0]["adapter_bytes"],
             "eval_s": float(np.mean([r["record"].get("test_time_s", np.nan) for r in rs])),
             "records": [r["record"] for r in rs],
@@ -93,10 +92,8 @@ def cost_table(groups: list[dict]) -> tuple[list[str], list[list[str]]] | None:
                      and all(f["settings"][k] == g["settings"][k] for k in ("model", "task"))), None)
         if full is None:
             continue
-        train = g["s_per_epoch"] / full["s_per_epoch"]
-        rows.append([g["label"], g["settings"]["task"], f"{train:.2f}x" if np.isfinite(train) else "-",
-                     f"{g['eval_s'] / full['eval_s']:.2f}x" if np.isfinite(g["eval_s"] / full["eval_s"]) else "-",
-                     f"{g['peak_memory_mb'] / full['peak_memory_mb']:.2f}x"])
+        ratio = lambda k: f"{g[k] / full[k]:.2f}x" if np.isfinite(g[k] / full[k]) else "-"  # nan: not measured
+        rows.append([g["label"], g["settings"]["task"], ratio("s_per_epoch"), ratio("eval_s"), ratio("peak_memory_mb")])
     return (cols, rows) if rows else None
 
 

@@ -237,6 +237,14 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     return parallel.full(norm)  # under FSDP a replicated DTensor
 
 
+def _progress_line(pos: Position, n_batches: int, epochs: int, spent: float) -> None:
+    """Where an epoch stands, as one line: what a log file gets in place of the progress bar."""
+    eta = spent / pos.batch * (n_batches - pos.batch)
+    tqdm.write(f"epoch {pos.epoch + 1}/{epochs}: batch {pos.batch}/{n_batches}  train loss "
+               f"{pos.loss_sum / max(1, pos.seen):.4f}  {pos.tokens / spent:.0f} tok/s  epoch ETA "
+               + (f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.1f} min"))
+
+
 def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarray], tuple[torch.Tensor, int]],
           validate: Callable[[], tuple[dict, float]], args: TrainArgs, *, lr: float, seed: int, metric: str,
           on_best: Callable[[Epoch], None] = lambda e: None, progress: bool = True,
@@ -288,6 +296,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
             t0 = time.perf_counter() - pos.seconds
             bar = tqdm(total=len(batches), initial=pos.batch, desc=f"epoch {pos.epoch + 1}/{args.epochs}", leave=False,
                        disable=None if progress else True, unit="batch", dynamic_ncols=True)
+            lines = progress and bar.disable and len(batches) >= 20  # no bar (output to a file): plain lines
             for g0 in range(pos.batch, len(batches), args.grad_accum):
                 group = range(g0, min(g0 + args.grad_accum, len(batches)))
                 rng = torch.get_rng_state()  # a checkpoint taken now must replay this group's dropout
@@ -335,14 +344,8 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
                 bar.update(len(group))
                 bar.set_postfix(loss=f"{pos.loss_sum / max(1, pos.seen):.4f}",
                                 tok_s=f"{pos.tokens / (time.perf_counter() - t0):.0f}")
-                tenth = lambda b: 10 * b // len(batches)
-                if progress and bar.disable and len(batches) >= 20 and tenth(pos.batch) > tenth(g0) \
-                        and pos.batch < len(batches):  # no bar (output to a file): a line every tenth of the epoch
-                    spent = time.perf_counter() - t0
-                    eta = spent / pos.batch * (len(batches) - pos.batch)
-                    tqdm.write(f"epoch {pos.epoch + 1}/{args.epochs}: batch {pos.batch}/{len(batches)}  train loss "
-                               f"{pos.loss_sum / max(1, pos.seen):.4f}  {pos.tokens / spent:.0f} tok/s  epoch ETA "
-                               + (f"{eta:.0f} s" if eta < 120 else f"{eta / 60:.1f} min"))
+                if lines and 10 * pos.batch // len(batches) > 10 * g0 // len(batches) and pos.batch < len(batches):
+                    _progress_line(pos, len(batches), args.epochs, time.perf_counter() - t0)  # every tenth
                 if pos.batch == len(batches) or (args.save_every and sched.last_epoch % args.save_every == 0):
                     pos.seconds = time.perf_counter() - t0
                     checkpoint(torch.get_rng_state())
