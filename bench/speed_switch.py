@@ -1,6 +1,6 @@
 """One of peftlab's bf16 training speed-ups on and off: the same peftlab run twice.
 
-    python -m bench.speed_switch [--switch bf16_weights|fp32_attention] [--task sst2]
+    python -m bench.speed_switch [--switch bf16_weights|fp32_attention|unpad] [--task sst2]
                                  [--train-limit 2000] [--rounds 2]
 
 LoRA (default targets) on SmolLM2-135M under bf16 autocast, one epoch, batch 16, evaluation on
@@ -10,6 +10,8 @@ LoRA (default targets) on SmolLM2-135M under bf16 autocast, one epoch, batch 16,
   the values autocast would compute).
 - fp32_attention (`speed.fp32_attention`): attention then runs in bf16 under autocast, as in
   HF's loops (PyTorch's bf16 flash-attention backward); metrics differ by rounding.
+- unpad (`unpad.last_hidden`): batches then run padded, whatever their padding, as in HF's
+  loops; metrics differ by rounding.
 The two alternate for --rounds rounds in one process; prints each epoch's seconds and test
 macro-F1 and the median ratio.
 """
@@ -20,6 +22,7 @@ import statistics
 import tempfile
 
 import peftlab.train
+from peftlab import unpad
 from peftlab.run import train_run
 from peftlab.runconfig import RunConfig
 from peftlab.train import TrainArgs
@@ -27,17 +30,20 @@ from peftlab.train import TrainArgs
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--switch", default="fp32_attention", choices=("bf16_weights", "fp32_attention"))
+    ap.add_argument("--switch", default="fp32_attention", choices=("bf16_weights", "fp32_attention", "unpad"))
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--train-limit", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    real = getattr(peftlab.train, args.switch)
+    real = unpad.MIN_PADDING if args.switch == "unpad" else getattr(peftlab.train, args.switch)
     seconds: dict[str, list[float]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for side in ("on", "off"):
-                setattr(peftlab.train, args.switch, real if side == "on" else lambda *a, **k: contextlib.nullcontext(0))
+                if args.switch == "unpad":
+                    unpad.MIN_PADDING = real if side == "on" else float("inf")
+                else:
+                    setattr(peftlab.train, args.switch, real if side == "on" else lambda *a, **k: contextlib.nullcontext(0))
                 cfg = RunConfig(model="smollm2-135m", task=args.task, method="lora", train_limit=args.train_limit,
                                 eval_limit=100, out=f"{tmp}/{side}{r}",
                                 train=TrainArgs(epochs=1, batch_size=16, precision="bf16"))
@@ -45,7 +51,10 @@ def main() -> None:
                 seconds[side].append(rec["time_per_epoch_s"][0])
                 print(f"round {r + 1}, {args.switch} {side}: {seconds[side][-1]:.1f} s/epoch, "
                       f"test macro-F1 {rec['test']['macro_f1']:.4f}", flush=True)
-    setattr(peftlab.train, args.switch, real)
+    if args.switch == "unpad":
+        unpad.MIN_PADDING = real
+    else:
+        setattr(peftlab.train, args.switch, real)
     on, off = statistics.median(seconds["on"]), statistics.median(seconds["off"])
     print(f"{args.task}, {args.train_limit} rows, {args.switch}: on {on:.1f} s, off {off:.1f} s, on/off {on / off:.3f}")
 

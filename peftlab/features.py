@@ -68,9 +68,10 @@ def _entry(model: nn.Module, point: int) -> nn.Module:
 
 
 @contextmanager
-def top_only(model: nn.Module, point: int, hidden: torch.Tensor) -> Iterator[None]:
+def top_only(model: nn.Module, point: int, hidden: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
     """Within: the body runs only blocks[point:] (and its final norm), starting from `hidden`
-    instead of the embeddings of whatever ids it is given. Masks and positions are still made by
+    (B, T, H) with real positions `mask` instead of the embeddings of whatever ids it is given
+    (their real tokens alone when the body runs unpadded). Masks and positions are still made by
     the model's own code from the attention mask."""
     arch = model.arch
     parent_path, _, attr = arch.family.blocks.rpartition(".")
@@ -78,9 +79,11 @@ def top_only(model: nn.Module, point: int, hidden: torch.Tensor) -> Iterator[Non
     entry = _entry(model, point)
 
     def swap(module, args, kwargs):
+        given = args[0] if args else kwargs["hidden_states"]
+        h = hidden if given.shape[:2] == hidden.shape[:2] else hidden[mask.bool()][None]  # unpadded
         if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
 
     handle = entry.register_forward_pre_hook(swap, with_kwargs=True)
     setattr(parent, attr, nn.ModuleList(list(arch.blocks)[point:]))
@@ -130,7 +133,7 @@ def logits_from_cache(model: nn.Module, cache: FeatureCache, idx: np.ndarray, si
     hidden, mask = cache.batch(idx, side)
     if cache.point == POOLED:
         return model.classify(hidden, **route)
-    with top_only(model, cache.point, hidden):
+    with top_only(model, cache.point, hidden, mask):
         return model(torch.zeros_like(mask), mask, **route)
 
 
@@ -223,8 +226,11 @@ def build_cache(model: nn.Module, enc: Encoded, tokenizer, point: int, *, batch_
                 except _Captured:
                     pass
                 mask = b["attention_mask"].bool()
+                h = got["h"]
+                per_row = h.split(mask.sum(1).tolist(), 1) if h.shape[:2] != mask.shape else None  # unpadded
                 for j, i in enumerate(idx):
-                    rows[i] = got["h"][j][mask[j]].to(torch.float32, copy=True)
+                    row = h[j][mask[j]] if per_row is None else per_row[j][0]
+                    rows[i] = row.to(torch.float32, copy=True)
     finally:
         if handle is not None:
             handle.remove()

@@ -20,6 +20,7 @@ from torch import nn
 from peftlab.arch import Arch
 from peftlab.errors import PeftlabError
 from peftlab.speed import in_fp32
+from peftlab.unpad import last_hidden
 from peftlab.virtual import body_inputs
 
 Pooling = Literal["auto", "last", "first", "mean"]
@@ -117,8 +118,8 @@ class Classifier(nn.Module):
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled (B, H) features of the body."""
-        kw, _, pool_mask = body_inputs(self, input_ids, attention_mask)
-        return pool(self.body(**kw).last_hidden_state, pool_mask, self.pooling)
+        kw, mask, pool_mask = body_inputs(self, input_ids, attention_mask)
+        return pool(last_hidden(self, kw, mask), pool_mask, self.pooling)
 
     @property
     def reads_features(self) -> bool:
@@ -199,8 +200,8 @@ class LanguageModel(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) last hidden states of the real tokens (virtual ones dropped)."""
-        kw, _, _ = body_inputs(self, input_ids, attention_mask)
-        return self.body(**kw).last_hidden_state[:, -input_ids.shape[1]:]
+        kw, mask, _ = body_inputs(self, input_ids, attention_mask)
+        return last_hidden(self, kw, mask)[:, -input_ids.shape[1]:]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, V) next-token logits at every real position."""

@@ -188,7 +188,7 @@ def bf16_weights(modules: Iterable[nn.Module], precision: str = "bf16", frozen_o
             del mod.forward
 
 
-_FP32_SDPA = "peftlab_fp32_sdpa"
+FP32_SDPA = "peftlab_fp32_sdpa"
 
 
 def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -232,8 +232,8 @@ def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 
 @functools.cache
 def _register_fp32_sdpa() -> None:
-    AttentionInterface.register(_FP32_SDPA, _fp32_sdpa)
-    AttentionMaskInterface.register(_FP32_SDPA, sdpa_mask)  # the masks SDPA takes
+    AttentionInterface.register(FP32_SDPA, _fp32_sdpa)
+    AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)  # the masks SDPA takes
 
 
 @contextlib.contextmanager
@@ -256,7 +256,7 @@ def fp32_attention(modules: Iterable[nn.Module], precision: str = "bf16") -> Ite
     if configs:
         _register_fp32_sdpa()
     for cfg in configs:
-        cfg._attn_implementation = _FP32_SDPA
+        cfg._attn_implementation = FP32_SDPA
     try:
         yield len(configs)
     finally:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from peftlab import unpad
 from peftlab.features import POOLED, build_cache, cache_key, cut_point, logits_from_cache
 from peftlab.run import prepare, train_run
 from peftlab.runconfig import RunConfig
@@ -24,7 +25,10 @@ def test_cut_point_is_where_the_frozen_bottom_ends(name, spec, want):
 
 @pytest.mark.parametrize("name,spec", [("tiny-llama", "head"), ("tiny-llama", "last-1"),
                                        ("tiny-gpt2", "last-block+norm"), ("tiny-bert", "last-1")])
-def test_logits_from_the_cache_equal_the_full_forward(name, spec, toy_task):
+@pytest.mark.parametrize("unpadded", [True, False])
+def test_logits_from_the_cache_equal_the_full_forward(name, spec, unpadded, toy_task, monkeypatch):
+    """Also with every padded batch run on its real tokens only (`unpad`), and with none."""
+    monkeypatch.setattr(unpad, "MIN_PADDING", 0.0 if unpadded else float("inf"))
     p = prepare(RunConfig(model=name, task=toy_task, method=spec, eval_limit=40))
     tok, enc = p.backbone.tokenizer, p.data["test"]
     cache = build_cache(p.model, enc, tok, cut_point(p.model), batch_size=16, progress=False)

@@ -1,0 +1,144 @@
+"""No work on padding: the body runs on a batch's real tokens only.
+
+A padded batch of B rows x T tokens costs B*T tokens in every projection and MLP, whatever
+the padding. Here the real tokens are laid end to end as one row of N (the positions each
+would have alone), so every per-token layer does N tokens' work; attention alone, which must
+keep the rows apart, scatters its queries, keys and values back into a (B, T) grid, right-
+padded so that a causal model needs no mask at all, and gathers the outputs again.
+
+    input       [pad pad a1 a2 a3] [b1 b2 pad pad pad]      B x T, left or right padded
+    body        [a1 a2 a3 b1 b2]                            1 x N, positions 0 1 2 0 1
+    attention   [a1 a2 a3] [b1 b2 0]                        B x max length, per row
+    output      [0 0 a1 a2 a3] [b1 b2 0 0 0]                back in the input's layout
+
+Only the attention layer knows the grid (`_attention`, registered with transformers as an
+attention implementation for the duration of one body call); the outputs equal the padded
+forward's at the real positions, up to float rounding.
+"""
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from peftlab.speed import FP32_SDPA
+
+_UNPADDED = "peftlab_unpadded"
+ATTENTIONS = ("sdpa", FP32_SDPA)  # the implementations that run on the grid (others: padded as given)
+
+# A batch is run unpadded from this much padding (a share of its real tokens) up: the scatters and
+# gathers cost ~3% of a short SmolLM2-135M training step, which runs faster unpadded from ~10% of
+# padding on (1.25x from 20%; paired steps of real SST-2 batches, docs/benchmarks.md).
+MIN_PADDING = 0.10
+
+
+@dataclass
+class _Grid:
+    index: torch.Tensor  # (N,) each real token's place in the flattened (B, T) grid
+    rows: int
+    width: int
+    key_mask: torch.Tensor | None  # (B, 1, 1, T) real keys, for bidirectional attention; None: causal
+    inner: str  # the attention implementation that runs on the grid
+
+
+_grid: contextvars.ContextVar[_Grid] = contextvars.ContextVar("peftlab_unpad_grid")
+_off = contextvars.ContextVar("peftlab_unpad_off", default=False)
+
+
+@contextlib.contextmanager
+def padded() -> Iterator[None]:
+    """Inside, bodies run padded: for layers that route whole rows (per-task LoRA adapters)."""
+    token = _off.set(True)
+    try:
+        yield
+    finally:
+        _off.reset(token)
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+               is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """(1, heads, N, head_dim) queries, keys, values -> (1, N, heads, head_dim), each row attending
+    within itself: the grid's attention (the implementation the model had) on the scattered rows."""
+    g = _grid.get()
+    B, T, N = g.rows, g.width, g.index.shape[0]
+
+    def scatter(t: torch.Tensor) -> torch.Tensor:  # into the (B, T, heads, head_dim) layout transformers' projections give
+        h, d = t.shape[1], t.shape[3]
+        return t.new_zeros(B * T, h, d).index_copy(0, g.index, t[0].transpose(0, 1)).view(B, T, h, d).transpose(1, 2)
+
+    out, _ = ALL_ATTENTION_FUNCTIONS[g.inner](
+        module, scatter(query), scatter(key), scatter(value), g.key_mask, dropout=dropout, scaling=scaling,
+        is_causal=is_causal if g.key_mask is None else False, **kwargs)
+    return out.reshape(B * T, -1).index_select(0, g.index).view(1, N, *out.shape[2:]), None
+
+
+@functools.cache
+def _register() -> None:
+    # no mask function registered under this name: transformers then builds no mask at all
+    AttentionInterface.register(_UNPADDED, _attention)
+
+
+def last_hidden(model: nn.Module, kw: dict, mask: torch.Tensor) -> torch.Tensor:
+    """`model.arch.body(**kw).last_hidden_state` (B, T, H) for `kw` and the full `mask` (B, T) as
+    `virtual.body_inputs` builds them, with no work on padding where the model allows it (no
+    cache or prefix, attention transformers' SDPA): a batch with enough padding runs on its real
+    tokens only, pad positions then coming back as zeros. (Running the other batches right-
+    aligned without a mask, which a causal model allows, measured no faster than with one.)"""
+    body = model.arch.body
+    real = int(mask.sum())
+    pads = mask.numel() - real
+    if not pads or pads < MIN_PADDING * real or _off.get() or getattr(model, "prefix", None) is not None \
+            or body.config._attn_implementation not in ATTENTIONS:
+        return body(**kw).last_hidden_state
+    return _unpadded(body, kw, _Layout(mask), causal=model.arch.causal and not getattr(model, "bidirectional", False))
+
+
+class _Layout:
+    """Where a padded batch's real tokens go: laid end to end (`flat`: their places in the
+    flattened batch, row-major, so each row's stay in order), and on attention's right-padded
+    grid of the longest row's width (`index`)."""
+
+    def __init__(self, mask: torch.Tensor):
+        real = mask.bool()
+        self.shape = real.shape
+        self.flat = real.reshape(-1).nonzero().squeeze(1)
+        self.lengths = real.sum(1)
+        self.width = int(self.lengths.max())
+        rank = real.cumsum(1) - 1  # a token's place among its row's real tokens = its position
+        self.positions = rank[real]
+        self.index = (torch.arange(real.shape[0], device=mask.device)[:, None] * self.width + rank)[real]
+
+    def real(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...): the real tokens, end to end."""
+        return t.reshape(-1, *t.shape[2:])[self.flat]
+
+    def back(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...) in the input's layout, zeros at the pads."""
+        return t.new_zeros(self.shape.numel(), *t.shape[1:]).index_copy(0, self.flat, t).view(*self.shape, *t.shape[1:])
+
+
+def _unpadded(body: nn.Module, kw: dict, lay: _Layout, causal: bool) -> torch.Tensor:
+    """The body on the real tokens end to end, attention on the grid (`_attention`); `causal`:
+    each token sees those before it, else every real token of its row."""
+    inputs = {k: v for k, v in kw.items() if k not in ("attention_mask", "position_ids", "input_ids", "inputs_embeds")}
+    name = "inputs_embeds" if "inputs_embeds" in kw else "input_ids"
+    tokens = lay.real(kw[name])
+    inputs[name], inputs["position_ids"] = tokens[None], lay.positions[None]
+    key_mask = None if causal else (torch.arange(lay.width, device=tokens.device) < lay.lengths[:, None])[:, None, None, :]
+    cfg = body.config
+    _register()
+    token = _grid.set(_Grid(lay.index, lay.shape[0], lay.width, key_mask, cfg._attn_implementation))
+    cfg._attn_implementation = _UNPADDED
+    try:
+        hidden = body(**inputs).last_hidden_state[0]
+    finally:
+        cfg._attn_implementation = _grid.get().inner
+        _grid.reset(token)
+    return lay.back(hidden)
