@@ -1,6 +1,7 @@
-"""An epoch of real, variable-length SST-2: `peftlab train` against HF Trainer + PEFT.
+"""An epoch of real, variable-length SST-2 (or `--task`, e.g. sms_spam): `peftlab train` against
+HF Trainer + PEFT.
 
-    python -m bench.sst2_epoch [--train-limit 2000] [--eval-limit 400] [--rounds 1] [--seeds 0]
+    python -m bench.sst2_epoch [--task sst2] [--train-limit 2000] [--eval-limit 400] [--rounds 1] [--seeds 0]
                                [--precision bf16]
 
 Both sides: SmolLM2-135M, LoRA r=8 alpha=16 on q_proj,v_proj plus a fresh 2-way head, the same
@@ -37,7 +38,7 @@ from peftlab.train import TrainArgs
 
 
 def peftlab_epoch(args, out: str, seed: int) -> tuple[float, float]:
-    cfg = RunConfig(model="smollm2-135m", task="sst2", method="lora", train_limit=args.train_limit, seed=seed,
+    cfg = RunConfig(model="smollm2-135m", task=args.task, method="lora", train_limit=args.train_limit, seed=seed,
                     eval_limit=args.eval_limit, out=out, method_args=MethodArgs(lora_targets="q_proj,v_proj"),
                     train=TrainArgs(epochs=1, batch_size=16, lr=1e-3, head_lr=1e-2, save_every=0,
                                     precision=args.precision))
@@ -59,7 +60,7 @@ def hf_epoch(args, out: str, seed: int) -> tuple[float, float]:
     model.config.pad_token_id = tok.pad_token_id
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
                                              target_modules=["q_proj", "v_proj"]))
-    task = load_task("sst2", seed=seed)
+    task = load_task(args.task, seed=seed)
 
     def rows(split: str, limit: int) -> Dataset:
         ds = subset(task.splits[split], limit, seed)
@@ -86,6 +87,7 @@ def hf_epoch(args, out: str, seed: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="sst2", help="any 2-way classification task, e.g. sms_spam")
     ap.add_argument("--train-limit", type=int, default=2000)
     ap.add_argument("--eval-limit", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=1)
@@ -107,7 +109,7 @@ def main() -> None:
             print(f"round {r + 1} (seed {seed}): peftlab {ours[-1][0]:.1f} s, acc {ours[-1][1]:.3f}; HF Trainer {ref[-1][0]:.1f} s, "
                   f"acc {ref[-1][1]:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     a, b = statistics.median(s for s, _ in ours), statistics.median(s for s, _ in ref)
-    print(f"| {args.train_limit} rows, {args.precision} | {a:.1f} | {b:.1f} | {b / a:.2f}x | "
+    print(f"| {args.task}, {args.train_limit} rows, {args.precision} | {a:.1f} | {b:.1f} | {b / a:.2f}x | "
           f"{100 * statistics.mean(x for _, x in ours):.1f} / {100 * statistics.mean(x for _, x in ref):.1f} |")
     print(f"\n{datetime.date.today()}  {json.dumps(versions())}  {json.dumps(machine())}")
 
