@@ -40,10 +40,8 @@ MIN_PADDING = 0.10
 
 @dataclass
 class _Grid:
-    index: torch.Tensor  # (N,) each real token's place in the flattened (B, T) grid
-    rows: int
-    width: int
-    key_mask: torch.Tensor | None  # (B, 1, 1, T) real keys, for bidirectional attention; None: causal
+    layout: "_Layout"
+    key_mask: torch.Tensor | None  # (B, 1, 1, width) real keys, for bidirectional attention; None: causal
     inner: str  # the attention implementation that runs on the grid
 
 
@@ -67,16 +65,17 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     """(1, heads, N, head_dim) queries, keys, values -> (1, N, heads, head_dim), each row attending
     within itself: the grid's attention (the implementation the model had) on the scattered rows."""
     g = _grid.get()
-    B, T, N = g.rows, g.width, g.index.shape[0]
+    index, B, T = g.layout.index, g.layout.shape[0], g.layout.width
 
-    def scatter(t: torch.Tensor) -> torch.Tensor:  # into the (B, T, heads, head_dim) layout transformers' projections give
+    def scatter(t: torch.Tensor) -> torch.Tensor:  # in the (B, T, heads, head_dim) memory layout of transformers'
         h, d = t.shape[1], t.shape[3]
-        return t.new_zeros(B * T, h, d).index_copy(0, g.index, t[0].transpose(0, 1)).view(B, T, h, d).transpose(1, 2)
+        grid = t.new_zeros(B * T, h, d).index_copy(0, index, t[0].transpose(0, 1))
+        return grid.view(B, T, h, d).transpose(1, 2)
 
     out, _ = ALL_ATTENTION_FUNCTIONS[g.inner](
         module, scatter(query), scatter(key), scatter(value), g.key_mask, dropout=dropout, scaling=scaling,
         is_causal=is_causal if g.key_mask is None else False, **kwargs)
-    return out.reshape(B * T, -1).index_select(0, g.index).view(1, N, *out.shape[2:]), None
+    return out.reshape(B * T, -1).index_select(0, index).view(1, len(index), *out.shape[2:]), None
 
 
 @functools.cache
@@ -131,10 +130,11 @@ def _unpadded(body: nn.Module, kw: dict, lay: _Layout, causal: bool) -> torch.Te
     name = "inputs_embeds" if "inputs_embeds" in kw else "input_ids"
     tokens = lay.real(kw[name])
     inputs[name], inputs["position_ids"] = tokens[None], lay.positions[None]
-    key_mask = None if causal else (torch.arange(lay.width, device=tokens.device) < lay.lengths[:, None])[:, None, None, :]
+    key_mask = None if causal else \
+        (torch.arange(lay.width, device=tokens.device) < lay.lengths[:, None])[:, None, None, :]
     cfg = body.config
     _register()
-    token = _grid.set(_Grid(lay.index, lay.shape[0], lay.width, key_mask, cfg._attn_implementation))
+    token = _grid.set(_Grid(lay, key_mask, cfg._attn_implementation))
     cfg._attn_implementation = _UNPADDED
     try:
         hidden = body(**inputs).last_hidden_state[0]
