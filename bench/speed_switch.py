@@ -20,12 +20,23 @@ import argparse
 import contextlib
 import statistics
 import tempfile
+from collections.abc import Callable
 
 import peftlab.train
 from peftlab import unpad
 from peftlab.run import train_run
 from peftlab.runconfig import RunConfig
 from peftlab.train import TrainArgs
+
+
+def _switch(name: str) -> Callable[[bool], None]:
+    """Turns the speed-up on (as shipped) or off: the context in the training loop replaced by a
+    no-op, or unpadding's floor raised out of reach."""
+    if name == "unpad":
+        floor = unpad.MIN_PADDING
+        return lambda on: setattr(unpad, "MIN_PADDING", floor if on else float("inf"))
+    real = getattr(peftlab.train, name)
+    return lambda on: setattr(peftlab.train, name, real if on else lambda *a, **k: contextlib.nullcontext(0))
 
 
 def main() -> None:
@@ -35,15 +46,12 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    real = unpad.MIN_PADDING if args.switch == "unpad" else getattr(peftlab.train, args.switch)
+    use = _switch(args.switch)
     seconds: dict[str, list[float]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for side in ("on", "off"):
-                if args.switch == "unpad":
-                    unpad.MIN_PADDING = real if side == "on" else float("inf")
-                else:
-                    setattr(peftlab.train, args.switch, real if side == "on" else lambda *a, **k: contextlib.nullcontext(0))
+                use(side == "on")
                 cfg = RunConfig(model="smollm2-135m", task=args.task, method="lora", train_limit=args.train_limit,
                                 eval_limit=100, out=f"{tmp}/{side}{r}",
                                 train=TrainArgs(epochs=1, batch_size=16, precision="bf16"))
@@ -51,10 +59,7 @@ def main() -> None:
                 seconds[side].append(rec["time_per_epoch_s"][0])
                 print(f"round {r + 1}, {args.switch} {side}: {seconds[side][-1]:.1f} s/epoch, "
                       f"test macro-F1 {rec['test']['macro_f1']:.4f}", flush=True)
-    if args.switch == "unpad":
-        unpad.MIN_PADDING = real
-    else:
-        setattr(peftlab.train, args.switch, real)
+    use(True)
     on, off = statistics.median(seconds["on"]), statistics.median(seconds["off"])
     print(f"{args.task}, {args.train_limit} rows, {args.switch}: on {on:.1f} s, off {off:.1f} s, on/off {on / off:.3f}")
 

@@ -25,7 +25,6 @@ from peftlab.methods.lora import lora_layers, per_row
 from peftlab.methods.prompt import SoftPrompt
 from peftlab.metrics import classification_metrics
 from peftlab.speed import in_fp32
-from peftlab.unpad import padded
 
 SAMPLERS = ("proportional", "uniform", "temperature")
 
@@ -140,7 +139,7 @@ class MultiTaskClassifier(Classifier):
         if task_ids is None:
             raise PeftlabError("a multi-task model needs task_ids: one task index per row")
         if self.task_adapters:
-            with per_row(self, [self.task_names[k] for k in task_ids.tolist()]), padded():  # routes rows
+            with per_row(self, [self.task_names[k] for k in task_ids.tolist()]):
                 return self._forward(input_ids, attention_mask, task_ids)
         return self._forward(input_ids, attention_mask, task_ids)
 

@@ -51,7 +51,8 @@ _off = contextvars.ContextVar("peftlab_unpad_off", default=False)
 
 @contextlib.contextmanager
 def padded() -> Iterator[None]:
-    """Inside, bodies run padded: for layers that route whole rows (per-task LoRA adapters)."""
+    """Inside, bodies run padded: for layers that route rows by their index in the batch
+    (`lora.per_row`: per-task LoRA adapters, mixed batches)."""
     token = _off.set(True)
     try:
         yield
@@ -132,13 +133,13 @@ def _unpadded(body: nn.Module, kw: dict, lay: _Layout, causal: bool) -> torch.Te
     inputs[name], inputs["position_ids"] = tokens[None], lay.positions[None]
     key_mask = None if causal else \
         (torch.arange(lay.width, device=tokens.device) < lay.lengths[:, None])[:, None, None, :]
-    cfg = body.config
+    cfg, inner = body.config, body.config._attn_implementation
     _register()
-    token = _grid.set(_Grid(lay, key_mask, cfg._attn_implementation))
+    token = _grid.set(_Grid(lay, key_mask, inner))
     cfg._attn_implementation = _UNPADDED
     try:
         hidden = body(**inputs).last_hidden_state[0]
     finally:
-        cfg._attn_implementation = _grid.get().inner
+        cfg._attn_implementation = inner
         _grid.reset(token)
     return lay.back(hidden)

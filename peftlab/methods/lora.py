@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from peftlab.errors import PeftlabError
 from peftlab.parallel import sharded
 from peftlab.speed import bf16_weights, casts_once
+from peftlab.unpad import padded
 
 DEFAULT_TARGETS = "q_proj,v_proj,c_attn:q,v,query,value"
 
@@ -290,12 +291,14 @@ def disabled(model: nn.Module):
 
 @contextmanager
 def per_row(model: nn.Module, adapters: list[str | None]):
-    """A mixed batch: row i runs through adapter adapters[i] (None: the base model)."""
+    """A mixed batch: row i runs through adapter adapters[i] (None: the base model). The body runs
+    padded meanwhile: rows are routed by their index in the batch."""
     layers = lora_layers(model)
     for layer in layers:
         layer.row_adapters = adapters
     try:
-        yield
+        with padded():
+            yield
     finally:
         for layer in layers:
             layer.row_adapters = None
