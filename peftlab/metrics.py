@@ -8,7 +8,6 @@ import string
 from collections import Counter
 
 import numpy as np
-from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 METRICS = ("accuracy", "macro_f1", "mcc")
@@ -50,6 +49,8 @@ def generation_metrics(preds: list[str], refs: list[str]) -> dict[str, float]:
     """ROUGE-1/2/L, exact match, token F1 (all x100) and the mean generated length in words."""
     if len(preds) != len(refs) or not preds:
         raise ValueError(f"need as many predictions as references (got {len(preds)} and {len(refs)})")
+    from rouge_score import rouge_scorer  # here: it imports nltk (~0.5 s), which classification never needs
+
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     rouge = [scorer.score(r, p) for p, r in zip(preds, refs)]
     mean = lambda xs: 100 * float(np.mean(xs))
