@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from peftlab.speed import FP32_SDPA
+from peftlab.virtual import cache_arg
 
 _UNPADDED = "peftlab_unpadded"
 ATTENTIONS = ("sdpa", FP32_SDPA)  # the implementations that run on the grid (others: padded as given)
@@ -87,14 +88,15 @@ def _register() -> None:
 
 def last_hidden(model: nn.Module, kw: dict, mask: torch.Tensor) -> torch.Tensor:
     """`model.arch.body(**kw).last_hidden_state` (B, T, H) for `kw` and the full `mask` (B, T) as
-    `virtual.body_inputs` builds them, with no work on padding where the model allows it (no
-    cache or prefix, attention transformers' SDPA): a batch with enough padding runs on its real
-    tokens only, pad positions then coming back as zeros. (Running the other batches right-
-    aligned without a mask, which a causal model allows, measured no faster than with one.)"""
+    `virtual.body_inputs` builds them, with no work on padding where the model allows it (no KV
+    cache given or wanted, e.g. a prefix's per-row keys; attention transformers' SDPA): a batch
+    with enough padding runs on its real tokens only, pad positions then coming back as zeros.
+    (Running the other batches right-aligned without a mask, which a causal model allows,
+    measured no faster than with one.)"""
     body = model.arch.body
     real = int(mask.sum())
     pads = mask.numel() - real
-    if not pads or pads < MIN_PADDING * real or _off.get() or getattr(model, "prefix", None) is not None \
+    if not pads or pads < MIN_PADDING * real or _off.get() or kw.get("use_cache") or cache_arg(type(body)) in kw \
             or body.config._attn_implementation not in ATTENTIONS:
         return body(**kw).last_hidden_state
     return _unpadded(body, kw, _Layout(mask), causal=model.arch.causal and not getattr(model, "bidirectional", False))
