@@ -1,6 +1,6 @@
 """One of peftlab's bf16 training speed-ups on and off: the same peftlab run twice.
 
-    python -m bench.speed_switch [--switch bf16_weights|fp32_attention|unpad] [--task sst2]
+    python -m bench.speed_switch [--switch bf16_weights|fp32_attention|unpad|last_block] [--task sst2]
                                  [--train-limit 2000] [--rounds 2]
 
 LoRA (default targets) on SmolLM2-135M under bf16 autocast, one epoch, batch 16, evaluation on
@@ -12,6 +12,8 @@ LoRA (default targets) on SmolLM2-135M under bf16 autocast, one epoch, batch 16,
   HF's loops (PyTorch's bf16 flash-attention backward); metrics differ by rounding.
 - unpad (`unpad.last_hidden`): batches then run padded, whatever their padding, as in HF's
   loops; metrics differ by rounding.
+- last_block (`pooled.last_block_at`): the last block then runs at every position, not only at
+  the pooled one, as in HF's loops; metrics differ by rounding.
 The two alternate for --rounds rounds in one process; prints each epoch's seconds and test
 macro-F1 and the median ratio.
 """
@@ -23,7 +25,7 @@ import tempfile
 from collections.abc import Callable
 
 import peftlab.train
-from peftlab import unpad
+from peftlab import pooled, unpad
 from peftlab.run import train_run
 from peftlab.runconfig import RunConfig
 from peftlab.train import TrainArgs
@@ -31,17 +33,20 @@ from peftlab.train import TrainArgs
 
 def _switch(name: str) -> Callable[[bool], None]:
     """Turns the speed-up on (as shipped) or off: the context in the training loop replaced by a
-    no-op, or unpadding's floor raised out of reach."""
+    no-op, unpadding's floor raised out of reach, or the pooled last block turned off."""
     if name == "unpad":
         floor = unpad.MIN_PADDING
         return lambda on: setattr(unpad, "MIN_PADDING", floor if on else float("inf"))
+    if name == "last_block":
+        return lambda on: setattr(pooled, "ENABLED", on)
     real = getattr(peftlab.train, name)
     return lambda on: setattr(peftlab.train, name, real if on else lambda *a, **k: contextlib.nullcontext(0))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--switch", default="fp32_attention", choices=("bf16_weights", "fp32_attention", "unpad"))
+    ap.add_argument("--switch", default="fp32_attention",
+                    choices=("bf16_weights", "fp32_attention", "unpad", "last_block"))
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--train-limit", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from peftlab.batching import Encoded, collate, eval_batches, pad_rows
 from peftlab.checkpoint import load_weights, save_weights
 from peftlab.models import peftlab_home
+from peftlab.pooled import block_input, whole_last_block
 from peftlab.speed import autocast, bf16_weights, fp32_attention, resolve
 
 POOLED = -1  # the cut point "pooled features": nothing in the body trains
@@ -92,10 +93,6 @@ def top_only(model: nn.Module, point: int, hidden: torch.Tensor, mask: torch.Ten
     finally:
         setattr(parent, attr, arch.blocks)
         handle.remove()
-
-
-class _Captured(Exception):
-    """Raised by the capture hook: the rest of the network need not run."""
 
 
 @dataclass
@@ -202,13 +199,6 @@ def build_cache(model: nn.Module, enc: Encoded, tokenizer, point: int, *, batch_
     model.eval()
     pad, side = tokenizer.pad_token_id, tokenizer.padding_side
     rows: list[torch.Tensor | None] = [None] * len(enc)
-    got: dict[str, torch.Tensor] = {}
-
-    def grab(module, args, kwargs):
-        got["h"] = args[0] if args else kwargs["hidden_states"]
-        raise _Captured
-
-    handle = _entry(model, point).register_forward_pre_hook(grab, with_kwargs=True) if point != POOLED else None
     try:
         batches = eval_batches(enc.lengths, batch_size)
         bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if progress else True)
@@ -221,19 +211,16 @@ def build_cache(model: nn.Module, enc: Encoded, tokenizer, point: int, *, batch_
                     for j, i in enumerate(idx):
                         rows[i] = feats[j].to(torch.float32, copy=True)
                     continue
-                try:
-                    model.features(b["input_ids"], b["attention_mask"])
-                except _Captured:
-                    pass
+                with whole_last_block():  # the cut may be the final norm's input: every position
+                    args, kwargs = block_input(_entry(model, point),
+                                               lambda: model.features(b["input_ids"], b["attention_mask"]))
+                h = args[0] if args else kwargs["hidden_states"]
                 mask = b["attention_mask"].bool()
-                h = got["h"]
                 per_row = h.split(mask.sum(1).tolist(), 1) if h.shape[:2] != mask.shape else None  # unpadded
                 for j, i in enumerate(idx):
                     row = h[j][mask[j]] if per_row is None else per_row[j][0]
                     rows[i] = row.to(torch.float32, copy=True)
     finally:
-        if handle is not None:
-            handle.remove()
         model.train(was_training)
     if point == POOLED:
         cache = FeatureCache(point, torch.stack(rows), None, enc.labels)

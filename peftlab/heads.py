@@ -19,6 +19,7 @@ from torch import nn
 
 from peftlab.arch import Arch
 from peftlab.errors import PeftlabError
+from peftlab.pooled import last_block_at
 from peftlab.speed import in_fp32
 from peftlab.unpad import last_hidden
 from peftlab.virtual import body_inputs
@@ -32,14 +33,16 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     if how == "mean":
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-    pos = torch.arange(mask.shape[1], device=mask.device)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), pool_position(mask, how)]
+
+
+def pool_position(mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B,) the position `how` ("last" or "first") pools."""
     if how == "last":
-        idx = (mask * pos).argmax(-1)  # largest position that is real
-    elif how == "first":
-        idx = mask.argmax(-1)  # smallest position that is real
-    else:
-        raise ValueError(f"unknown pooling '{how}'; valid: last, first, mean")
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        return (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # largest position that is real
+    if how == "first":
+        return mask.argmax(-1)  # smallest position that is real
+    raise ValueError(f"unknown pooling '{how}'; valid: last, first, mean")
 
 
 class LabelWords(nn.Module):
@@ -74,8 +77,10 @@ class LabelWords(nn.Module):
         B, (L, W) = input_ids.shape[0], self.word_ids.shape
         lm_head = model.arch.lm_head
         if W == 1:  # one forward: the next-token distribution after the input
-            kw, _, _ = body_inputs(model, input_ids, attention_mask)
-            h = model.body(**kw).last_hidden_state[:, -1]
+            kw, mask, _ = body_inputs(model, input_ids, attention_mask)
+            h = last_block_at(model, kw, mask, mask.new_full(mask.shape[:1], mask.shape[1] - 1))
+            if h is None:
+                h = model.body(**kw).last_hidden_state[:, -1]
             return self._log_probs(lm_head, h)[:, self.word_ids[:, 0]]
         words, wmask = self.word_ids.repeat(B, 1), self.word_mask.repeat(B, 1)  # (B*L, W)
         ids = torch.cat([input_ids.repeat_interleave(L, 0), words], 1)
@@ -119,6 +124,10 @@ class Classifier(nn.Module):
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled (B, H) features of the body."""
         kw, mask, pool_mask = body_inputs(self, input_ids, attention_mask)
+        if self.pooling != "mean":  # the last block at the pooled positions only, where the model allows it
+            h = last_block_at(self, kw, mask, pool_position(pool_mask, self.pooling))
+            if h is not None:
+                return h
         return pool(last_hidden(self, kw, mask), pool_mask, self.pooling)
 
     @property

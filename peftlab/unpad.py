@@ -41,7 +41,7 @@ MIN_PADDING = 0.10
 
 @dataclass
 class _Grid:
-    layout: "_Layout"
+    layout: "Layout"
     key_mask: torch.Tensor | None  # (B, 1, 1, width) real keys, for bidirectional attention; None: causal
     inner: str  # the attention implementation that runs on the grid
 
@@ -67,17 +67,11 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     """(1, heads, N, head_dim) queries, keys, values -> (1, N, heads, head_dim), each row attending
     within itself: the grid's attention (the implementation the model had) on the scattered rows."""
     g = _grid.get()
-    index, B, T = g.layout.index, g.layout.shape[0], g.layout.width
-
-    def scatter(t: torch.Tensor) -> torch.Tensor:  # in the (B, T, heads, head_dim) memory layout of transformers'
-        h, d = t.shape[1], t.shape[3]
-        grid = t.new_zeros(B * T, h, d).index_copy(0, index, t[0].transpose(0, 1))
-        return grid.view(B, T, h, d).transpose(1, 2)
-
+    lay = g.layout
     out, _ = ALL_ATTENTION_FUNCTIONS[g.inner](
-        module, scatter(query), scatter(key), scatter(value), g.key_mask, dropout=dropout, scaling=scaling,
+        module, lay.grid(query), lay.grid(key), lay.grid(value), g.key_mask, dropout=dropout, scaling=scaling,
         is_causal=is_causal if g.key_mask is None else False, **kwargs)
-    return out.reshape(B * T, -1).index_select(0, index).view(1, len(index), *out.shape[2:]), None
+    return out.reshape(-1, *out.shape[2:]).index_select(0, lay.index)[None], None
 
 
 @functools.cache
@@ -99,10 +93,10 @@ def last_hidden(model: nn.Module, kw: dict, mask: torch.Tensor) -> torch.Tensor:
     if not pads or pads < MIN_PADDING * real or _off.get() or kw.get("use_cache") or cache_arg(type(body)) in kw \
             or body.config._attn_implementation not in ATTENTIONS:
         return body(**kw).last_hidden_state
-    return _unpadded(body, kw, _Layout(mask), causal=model.arch.causal and not getattr(model, "bidirectional", False))
+    return _unpadded(body, kw, Layout(mask), causal=model.arch.causal and not getattr(model, "bidirectional", False))
 
 
-class _Layout:
+class Layout:
     """Where a padded batch's real tokens go: laid end to end (`flat`: their places in the
     flattened batch, row-major, so each row's stay in order), and on attention's right-padded
     grid of the longest row's width (`index`)."""
@@ -121,20 +115,31 @@ class _Layout:
         """(B, T, ...) -> (N, ...): the real tokens, end to end."""
         return t.reshape(-1, *t.shape[2:])[self.flat]
 
+    def grid(self, t: torch.Tensor) -> torch.Tensor:
+        """(1, heads, N, head_dim) -> (B, heads, width, head_dim), each row's tokens at the start of
+        its row (zeros after), in the (B, T, heads, head_dim) memory layout of transformers'."""
+        h, d = t.shape[1], t.shape[3]
+        B, T = self.shape[0], self.width
+        grid = t.new_zeros(B * T, h, d).index_copy(0, self.index, t[0].transpose(0, 1))
+        return grid.view(B, T, h, d).transpose(1, 2)
+
+    def key_mask(self) -> torch.Tensor:
+        """(B, 1, 1, width): the grid's real keys."""
+        return (torch.arange(self.width, device=self.lengths.device) < self.lengths[:, None])[:, None, None, :]
+
     def back(self, t: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, T, ...) in the input's layout, zeros at the pads."""
         return t.new_zeros(self.shape.numel(), *t.shape[1:]).index_copy(0, self.flat, t).view(*self.shape, *t.shape[1:])
 
 
-def _unpadded(body: nn.Module, kw: dict, lay: _Layout, causal: bool) -> torch.Tensor:
+def _unpadded(body: nn.Module, kw: dict, lay: Layout, causal: bool) -> torch.Tensor:
     """The body on the real tokens end to end, attention on the grid (`_attention`); `causal`:
     each token sees those before it, else every real token of its row."""
     inputs = {k: v for k, v in kw.items() if k not in ("attention_mask", "position_ids", "input_ids", "inputs_embeds")}
     name = "inputs_embeds" if "inputs_embeds" in kw else "input_ids"
     tokens = lay.real(kw[name])
     inputs[name], inputs["position_ids"] = tokens[None], lay.positions[None]
-    key_mask = None if causal else \
-        (torch.arange(lay.width, device=tokens.device) < lay.lengths[:, None])[:, None, None, :]
+    key_mask = None if causal else lay.key_mask()
     cfg, inner = body.config, body.config._attn_implementation
     _register()
     token = _grid.set(_Grid(lay, key_mask, inner))

@@ -5,7 +5,7 @@ takes it, and leave the rest (prefixes, little padding) padded."""
 import pytest
 import torch
 
-from peftlab import unpad
+from peftlab import pooled, unpad
 from peftlab.generation import collate_pairs, encode_pairs, lm_loss
 from peftlab.heads import Classifier, LanguageModel
 from peftlab.models import load_backbone
@@ -33,6 +33,7 @@ def outputs_and_grads(m, ids, mask, monkeypatch, unpadded: bool):
     real = unpad._attention
     monkeypatch.setattr(unpad, "_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     unpad._register.cache_clear()  # register the spy
+    monkeypatch.setattr(pooled, "ENABLED", False)  # every layer on the grid (the pooled last block: test_pooled)
     monkeypatch.setattr(unpad, "MIN_PADDING", 0.0 if unpadded else float("inf"))
     m.zero_grad()
     out = m(ids, mask)

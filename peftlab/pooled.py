@@ -1,0 +1,129 @@
+"""The last block at the pooled positions only.
+
+A classifier reads one position per row from the body's output: the last real token of a
+causal LM, the first of an encoder. Every position below the last block matters (the pooled one
+attends to them all), but the last block's own outputs are read only there: its queries,
+attention, output projection, MLP and the final norm need B rows, only its keys and values all
+N. On SmolLM2-135M that is 94% of the last block's weights, ~3% of a training step.
+
+    body up to the last block   all N positions (padded or not: `unpad.last_hidden`)
+    last block                  keys, values: all N; the rest: the B pooled rows
+    final norm                  the B pooled rows
+
+The body runs until the last block is called (a hook takes its input and stops it there); the
+block then runs here, through its own submodules, so LoRA, IA3 and adapter hooks on them apply
+as usual. Built for Llama's decoder layer (SmolLM2, Llama); other blocks, FSDP-sharded ones
+(their weights are gathered when the block itself is called), hooks on the block's output or
+on its attention module (neither is called here), KV caches (a prefix),
+attention other than SDPA, a pooled position that does not see its whole row (the first token
+of a causal LM), and callers reading every row of the last block (`whole_last_block`) run the
+body whole.
+"""
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, rotate_half
+
+from peftlab.unpad import ATTENTIONS, Layout, last_hidden
+from peftlab.virtual import cache_arg
+
+ENABLED = True  # bench.speed_switch turns it off for its A/B runs
+# blocks whose forward `_block` repeats; exact types: a subclass may do more in its forward (FSDP's
+# sharded blocks gather their weights there)
+BLOCKS = (LlamaDecoderLayer,)
+_whole = contextvars.ContextVar("peftlab_whole_last_block", default=False)
+
+
+@contextlib.contextmanager
+def whole_last_block() -> Iterator[None]:
+    """Inside, the last block and the final norm run on every position: for callers that read
+    their inputs there (per-token feature caches, training from them)."""
+    token = _whole.set(True)
+    try:
+        yield
+    finally:
+        _whole.reset(token)
+
+
+def block_input(module: nn.Module, run: Callable[[], object]) -> tuple[tuple, dict] | None:
+    """Call `run()` until `module` is called, and return that call's (args, kwargs) instead of
+    running it; None when `run()` finished without calling it."""
+    class Entered(Exception):  # a class per call: nested captures each catch their own
+        pass
+    got = []
+
+    def grab(mod, args, kwargs):
+        got.append((args, kwargs))
+        raise Entered
+
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run()
+    except Entered:
+        return got[0]
+    finally:
+        handle.remove()
+    return None
+
+
+def last_block_at(model: nn.Module, kw: dict, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor | None:
+    """The final-normed hidden states (B, H) at positions `at` (B,) of the body's output, for
+    `kw` and the full `mask` (B, T) as `virtual.body_inputs` builds them, with the last block
+    computed at those positions only; None (nothing run) where that does not apply."""
+    arch = model.arch
+    body, block = arch.body, arch.blocks[-1]
+    if not ENABLED or _whole.get() or type(block) not in BLOCKS or arch.final_norm is None \
+            or kw.get("use_cache") or cache_arg(type(body)) in kw or body.config._attn_implementation not in ATTENTIONS:
+        return None
+    at = at.long()
+    if block._forward_hooks or block.self_attn._forward_pre_hooks or block.self_attn._forward_hooks:
+        return None  # hooks on modules that are not called here (e.g. a parallel adapter at attention)
+    rows = torch.arange(len(at), device=at.device)
+    if not bool(mask[rows, at].all()):
+        return None  # a pooled position that is padding (an empty row)
+    if arch.causal and not getattr(model, "bidirectional", False):
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+        if not torch.equal(at, last):
+            return None  # a causal position sees only the tokens before it
+    ran: list[torch.Tensor] = []
+    entered = block_input(block, lambda: ran.append(last_hidden(model, kw, mask)))
+    if entered is None:  # the body's block list stops short of the last block (`features.top_only`)
+        return ran[0][rows, at]
+    args, kwargs = entered
+    h = args[0] if args else kwargs["hidden_states"]
+    cos, sin = kwargs["position_embeddings"]
+    if h.shape[:2] == mask.shape:  # padded (B, T, H): keys at every position, pads masked
+        key_mask, grid, q_at = mask.bool()[:, None, None, :], (lambda t: t), (rows, at)
+    else:  # unpadded (1, N, H): keys on attention's grid, as `unpad` lays them out
+        lay = Layout(mask)
+        key_mask, grid = lay.key_mask(), lay.grid
+        q_at = (0, (mask.reshape(-1).cumsum(0) - 1)[rows * mask.shape[1] + at])
+    return arch.final_norm(_block(block, h, cos, sin, q_at, key_mask, grid, body.config._attn_implementation))[:, 0]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embeddings on (..., heads, head_dim) with (..., head_dim) cos and sin."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return x * cos + rotate_half(x) * sin
+
+
+def _block(block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_at: tuple,
+           key_mask: torch.Tensor, grid: Callable[[torch.Tensor], torch.Tensor], impl: str) -> torch.Tensor:
+    """`LlamaDecoderLayer.forward` with queries at `h[q_at]` only: (B, 1, H) out. `grid` lays
+    (1|B, heads, T, head_dim) keys and values out as attention takes them, `key_mask` the real ones."""
+    attn = block.self_attn
+    d = attn.head_dim
+    x = block.input_layernorm(h)
+    k = _rope(attn.k_proj(x).unflatten(-1, (-1, d)), cos, sin).transpose(1, 2)
+    v = attn.v_proj(x).unflatten(-1, (-1, d)).transpose(1, 2)
+    q = _rope(attn.q_proj(x[q_at][:, None]).unflatten(-1, (-1, d)), cos[q_at][:, None], sin[q_at][:, None])
+    out, _ = ALL_ATTENTION_FUNCTIONS[impl](
+        attn, q.transpose(1, 2), grid(k), grid(v), key_mask, dropout=attn.attention_dropout if attn.training else 0.0,
+        scaling=attn.scaling, is_causal=False)
+    h = h[q_at][:, None] + attn.o_proj(out.flatten(-2))
+    return h + block.mlp(block.post_attention_layernorm(h))
