@@ -30,10 +30,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from peftlab import pooled
 from peftlab.batching import Encoded, collate, eval_batches, pad_rows
 from peftlab.checkpoint import load_weights, save_weights
 from peftlab.models import peftlab_home
-from peftlab.pooled import block_input, whole_last_block
+from peftlab.pooled import block_input, hidden_arg, whole_last_block
 from peftlab.speed import autocast, bf16_weights, fp32_attention, resolve
 
 POOLED = -1  # the cut point "pooled features": nothing in the body trains
@@ -80,7 +81,7 @@ def top_only(model: nn.Module, point: int, hidden: torch.Tensor, mask: torch.Ten
     entry = _entry(model, point)
 
     def swap(module, args, kwargs):
-        given = args[0] if args else kwargs["hidden_states"]
+        given = hidden_arg(args, kwargs)
         h = hidden if given.shape[:2] == hidden.shape[:2] else hidden[mask.bool()][None]  # unpadded
         if args:
             return (h, *args[1:]), kwargs
@@ -161,6 +162,8 @@ def cache_key(model: nn.Module, enc: Encoded, tokenizer, point: int, weights: st
             "weights": weights or frozen_digest(model, point)}
     if resolve(precision) == "bf16":  # only then: fp32 keys stay those of earlier versions
         meta["precision"] = "bf16"
+    if point == POOLED and pooled.ENABLED:  # pooled by `pooled.last_block_at` (since 2026-11-25): not earlier files
+        meta["last_block"] = "pooled"
     h.update(json.dumps(meta, sort_keys=True).encode())
     h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(enc.lengths.tobytes())
@@ -212,9 +215,8 @@ def build_cache(model: nn.Module, enc: Encoded, tokenizer, point: int, *, batch_
                         rows[i] = feats[j].to(torch.float32, copy=True)
                     continue
                 with whole_last_block():  # the cut may be the final norm's input: every position
-                    args, kwargs = block_input(_entry(model, point),
-                                               lambda: model.features(b["input_ids"], b["attention_mask"]))
-                h = args[0] if args else kwargs["hidden_states"]
+                    h = hidden_arg(*block_input(_entry(model, point),
+                                                lambda: model.features(b["input_ids"], b["attention_mask"])))
                 mask = b["attention_mask"].bool()
                 per_row = h.split(mask.sum(1).tolist(), 1) if h.shape[:2] != mask.shape else None  # unpadded
                 for j, i in enumerate(idx):

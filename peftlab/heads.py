@@ -19,7 +19,7 @@ from torch import nn
 
 from peftlab.arch import Arch
 from peftlab.errors import PeftlabError
-from peftlab.pooled import last_block_at
+from peftlab.pooled import last_block_at, pool_position
 from peftlab.speed import in_fp32
 from peftlab.unpad import last_hidden
 from peftlab.virtual import body_inputs
@@ -34,15 +34,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), pool_position(mask, how)]
-
-
-def pool_position(mask: torch.Tensor, how: str) -> torch.Tensor:
-    """(B, T) 0/1 mask -> (B,) the position `how` ("last" or "first") pools."""
-    if how == "last":
-        return (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # largest position that is real
-    if how == "first":
-        return mask.argmax(-1)  # smallest position that is real
-    raise ValueError(f"unknown pooling '{how}'; valid: last, first, mean")
 
 
 class LabelWords(nn.Module):
@@ -78,7 +69,7 @@ class LabelWords(nn.Module):
         lm_head = model.arch.lm_head
         if W == 1:  # one forward: the next-token distribution after the input
             kw, mask, _ = body_inputs(model, input_ids, attention_mask)
-            h = last_block_at(model, kw, mask, mask.new_full(mask.shape[:1], mask.shape[1] - 1))
+            h = last_block_at(model, kw, mask, torch.full(mask.shape[:1], mask.shape[1] - 1, device=mask.device))
             if h is None:
                 h = model.body(**kw).last_hidden_state[:, -1]
             return self._log_probs(lm_head, h)[:, self.word_ids[:, 0]]

@@ -27,10 +27,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, rotate_half
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, rotate_half
 
-from peftlab.unpad import ATTENTIONS, Layout, last_hidden
-from peftlab.virtual import cache_arg
+from peftlab.unpad import Layout, causal, last_hidden, plain_sdpa
 
 ENABLED = True  # bench.speed_switch turns it off for its A/B runs
 # blocks whose forward `_block` repeats; exact types: a subclass may do more in its forward (FSDP's
@@ -42,7 +41,7 @@ _whole = contextvars.ContextVar("peftlab_whole_last_block", default=False)
 @contextlib.contextmanager
 def whole_last_block() -> Iterator[None]:
     """Inside, the last block and the final norm run on every position: for callers that read
-    their inputs there (per-token feature caches, training from them)."""
+    their inputs there (per-token feature caches)."""
     token = _whole.set(True)
     try:
         yield
@@ -77,26 +76,20 @@ def last_block_at(model: nn.Module, kw: dict, mask: torch.Tensor, at: torch.Tens
     computed at those positions only; None (nothing run) where that does not apply."""
     arch = model.arch
     body, block = arch.body, arch.blocks[-1]
-    if not ENABLED or _whole.get() or type(block) not in BLOCKS or arch.final_norm is None \
-            or kw.get("use_cache") or cache_arg(type(body)) in kw or body.config._attn_implementation not in ATTENTIONS:
+    if not ENABLED or _whole.get() or type(block) not in BLOCKS or type(block.self_attn) is not LlamaAttention \
+            or arch.final_norm is None or not plain_sdpa(body, kw) or _hooked(block, block.self_attn):
         return None
-    at = at.long()
-    if block._forward_hooks or block.self_attn._forward_pre_hooks or block.self_attn._forward_hooks:
-        return None  # hooks on modules that are not called here (e.g. a parallel adapter at attention)
+    at, mask = at.long(), mask.long()
     rows = torch.arange(len(at), device=at.device)
     if not bool(mask[rows, at].all()):
         return None  # a pooled position that is padding (an empty row)
-    if arch.causal and not getattr(model, "bidirectional", False):
-        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
-        if not torch.equal(at, last):
-            return None  # a causal position sees only the tokens before it
+    if causal(model) and not torch.equal(at, pool_position(mask, "last")):
+        return None  # a causal position sees only the tokens before it
     ran: list[torch.Tensor] = []
     entered = block_input(block, lambda: ran.append(last_hidden(model, kw, mask)))
     if entered is None:  # the body's block list stops short of the last block (`features.top_only`)
         return ran[0][rows, at]
-    args, kwargs = entered
-    h = args[0] if args else kwargs["hidden_states"]
-    cos, sin = kwargs["position_embeddings"]
+    h, (cos, sin) = hidden_arg(*entered), entered[1]["position_embeddings"]
     if h.shape[:2] == mask.shape:  # padded (B, T, H): keys at every position, pads masked
         key_mask, grid, q_at = mask.bool()[:, None, None, :], (lambda t: t), (rows, at)
     else:  # unpadded (1, N, H): keys on attention's grid, as `unpad` lays them out
@@ -104,6 +97,27 @@ def last_block_at(model: nn.Module, kw: dict, mask: torch.Tensor, at: torch.Tens
         key_mask, grid = lay.key_mask(), lay.grid
         q_at = (0, (mask.reshape(-1).cumsum(0) - 1)[rows * mask.shape[1] + at])
     return arch.final_norm(_block(block, h, cos, sin, q_at, key_mask, grid, body.config._attn_implementation))[:, 0]
+
+
+def pool_position(mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T) 0/1 mask -> (B,) the position `how` ("last" or "first") pools."""
+    if how == "last":
+        return (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # largest position that is real
+    if how == "first":
+        return mask.argmax(-1)  # smallest position that is real
+    raise ValueError(f"unknown pooling '{how}'; valid: last, first, mean")
+
+
+def hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a block (or a norm) was called with."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hooked(block: nn.Module, attn: nn.Module) -> bool:
+    """Hooks that would not run here: the block is never called (its pre-hooks run: the body
+    calls it), its attention module neither (e.g. a parallel adapter reading attention's input)."""
+    return bool(block._forward_hooks or block._backward_hooks or block._backward_pre_hooks
+                or attn._forward_pre_hooks or attn._forward_hooks or attn._backward_hooks or attn._backward_pre_hooks)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

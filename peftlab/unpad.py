@@ -90,10 +90,21 @@ def last_hidden(model: nn.Module, kw: dict, mask: torch.Tensor) -> torch.Tensor:
     body = model.arch.body
     real = int(mask.sum())
     pads = mask.numel() - real
-    if not pads or pads < MIN_PADDING * real or _off.get() or kw.get("use_cache") or cache_arg(type(body)) in kw \
-            or body.config._attn_implementation not in ATTENTIONS:
+    if not pads or pads < MIN_PADDING * real or _off.get() or not plain_sdpa(body, kw):
         return body(**kw).last_hidden_state
-    return _unpadded(body, kw, Layout(mask), causal=model.arch.causal and not getattr(model, "bidirectional", False))
+    return _unpadded(body, kw, Layout(mask), causal=causal(model))
+
+
+def plain_sdpa(body: nn.Module, kw: dict) -> bool:
+    """True when `body(**kw)` neither reads nor writes a KV cache and its attention is SDPA: the
+    call whose attention may be run elsewhere (on a grid, at some queries only)."""
+    return not kw.get("use_cache") and cache_arg(type(body)) not in kw \
+        and body.config._attn_implementation in ATTENTIONS
+
+
+def causal(model: nn.Module) -> bool:
+    """Whether each token of `model`'s body sees only those before it (a causal LM not run bidirectionally)."""
+    return model.arch.causal and not getattr(model, "bidirectional", False)
 
 
 class Layout:
