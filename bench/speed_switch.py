@@ -12,7 +12,7 @@ LoRA (default targets) on SmolLM2-135M under bf16 autocast, one epoch, batch 16,
   HF's loops (PyTorch's bf16 flash-attention backward); metrics differ by rounding.
 - unpad (`unpad.last_hidden`): batches then run padded, whatever their padding, as in HF's
   loops; metrics differ by rounding.
-- last_block (`pooled.last_block_at`): the last block then runs at every position, not only at
+- last_block (`pooled.hidden_at`): the last block then runs at every position, not only at
   the pooled one, as in HF's loops; metrics differ by rounding.
 The two alternate for --rounds rounds in one process; prints each epoch's seconds and test
 macro-F1 and the median ratio.

@@ -162,7 +162,7 @@ def cache_key(model: nn.Module, enc: Encoded, tokenizer, point: int, weights: st
             "weights": weights or frozen_digest(model, point)}
     if resolve(precision) == "bf16":  # only then: fp32 keys stay those of earlier versions
         meta["precision"] = "bf16"
-    if point == POOLED and pooled.ENABLED:  # pooled by `pooled.last_block_at` (since 2026-11-25): not earlier files
+    if point == POOLED and pooled.ENABLED:  # pooled by `pooled.hidden_at` (since 2026-11-25): not earlier files
         meta["last_block"] = "pooled"
     h.update(json.dumps(meta, sort_keys=True).encode())
     h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())

@@ -19,7 +19,7 @@ from torch import nn
 
 from peftlab.arch import Arch
 from peftlab.errors import PeftlabError
-from peftlab.pooled import last_block_at, pool_position
+from peftlab.pooled import hidden_at, pool_position
 from peftlab.speed import in_fp32
 from peftlab.unpad import last_hidden
 from peftlab.virtual import body_inputs
@@ -69,9 +69,7 @@ class LabelWords(nn.Module):
         lm_head = model.arch.lm_head
         if W == 1:  # one forward: the next-token distribution after the input
             kw, mask, _ = body_inputs(model, input_ids, attention_mask)
-            h = last_block_at(model, kw, mask, torch.full(mask.shape[:1], mask.shape[1] - 1, device=mask.device))
-            if h is None:
-                h = model.body(**kw).last_hidden_state[:, -1]
+            h = hidden_at(model, kw, mask, torch.full(mask.shape[:1], mask.shape[1] - 1, device=mask.device))
             return self._log_probs(lm_head, h)[:, self.word_ids[:, 0]]
         words, wmask = self.word_ids.repeat(B, 1), self.word_mask.repeat(B, 1)  # (B*L, W)
         ids = torch.cat([input_ids.repeat_interleave(L, 0), words], 1)
@@ -115,11 +113,9 @@ class Classifier(nn.Module):
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled (B, H) features of the body."""
         kw, mask, pool_mask = body_inputs(self, input_ids, attention_mask)
-        if self.pooling != "mean":  # the last block at the pooled positions only, where the model allows it
-            h = last_block_at(self, kw, mask, pool_position(pool_mask, self.pooling))
-            if h is not None:
-                return h
-        return pool(last_hidden(self, kw, mask), pool_mask, self.pooling)
+        if self.pooling == "mean":
+            return pool(last_hidden(self, kw, mask), pool_mask, "mean")
+        return hidden_at(self, kw, mask, pool_position(pool_mask, self.pooling))
 
     @property
     def reads_features(self) -> bool:

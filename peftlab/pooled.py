@@ -70,21 +70,15 @@ def block_input(module: nn.Module, run: Callable[[], object]) -> tuple[tuple, di
     return None
 
 
-def last_block_at(model: nn.Module, kw: dict, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor | None:
-    """The final-normed hidden states (B, H) at positions `at` (B,) of the body's output, for
-    `kw` and the full `mask` (B, T) as `virtual.body_inputs` builds them, with the last block
-    computed at those positions only; None (nothing run) where that does not apply."""
-    arch = model.arch
-    body, block = arch.body, arch.blocks[-1]
-    if not ENABLED or _whole.get() or type(block) not in BLOCKS or type(block.self_attn) is not LlamaAttention \
-            or arch.final_norm is None or not plain_sdpa(body, kw) or _hooked(block, block.self_attn):
-        return None
+def hidden_at(model: nn.Module, kw: dict, mask: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The body's output (B, H) at positions `at` (B,), for `kw` and the full `mask` (B, T) as
+    `virtual.body_inputs` builds them: the last block computed at those positions only where
+    that holds (`_shortcut`), else `unpad.last_hidden` there."""
     at, mask = at.long(), mask.long()
     rows = torch.arange(len(at), device=at.device)
-    if not bool(mask[rows, at].all()):
-        return None  # a pooled position that is padding (an empty row)
-    if causal(model) and not torch.equal(at, pool_position(mask, "last")):
-        return None  # a causal position sees only the tokens before it
+    if not _shortcut(model, kw, mask, rows, at):
+        return last_hidden(model, kw, mask)[rows, at]
+    block = model.arch.blocks[-1]
     ran: list[torch.Tensor] = []
     entered = block_input(block, lambda: ran.append(last_hidden(model, kw, mask)))
     if entered is None:  # the body's block list stops short of the last block (`features.top_only`)
@@ -96,7 +90,21 @@ def last_block_at(model: nn.Module, kw: dict, mask: torch.Tensor, at: torch.Tens
         lay = Layout(mask)
         key_mask, grid = lay.key_mask(), lay.grid
         q_at = (0, (mask.reshape(-1).cumsum(0) - 1)[rows * mask.shape[1] + at])
-    return arch.final_norm(_block(block, h, cos, sin, q_at, key_mask, grid, body.config._attn_implementation))[:, 0]
+    impl = model.arch.body.config._attn_implementation
+    return model.arch.final_norm(_block(block, h, cos, sin, q_at, key_mask, grid, impl))[:, 0]
+
+
+def _shortcut(model: nn.Module, kw: dict, mask: torch.Tensor, rows: torch.Tensor, at: torch.Tensor) -> bool:
+    """Whether the last block may run at `at` only: a Llama block, called by the body as it is,
+    without a KV cache, every pooled position real and seeing its whole row."""
+    arch = model.arch
+    block = arch.blocks[-1]
+    if not ENABLED or _whole.get() or type(block) not in BLOCKS or type(block.self_attn) is not LlamaAttention \
+            or arch.final_norm is None or not plain_sdpa(arch.body, kw) or _hooked(block, block.self_attn):
+        return False
+    if not bool(mask[rows, at].all()):
+        return False  # a pooled position that is padding (an empty row)
+    return not causal(model) or torch.equal(at, pool_position(mask, "last"))  # causal: a token sees those before it
 
 
 def pool_position(mask: torch.Tensor, how: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The last block at the pooled positions only (`pooled.last_block_at`): the same outputs and
+"""The last block at the pooled positions only (`pooled.hidden_at`): the same outputs and
 gradients as the whole block, padded or not, for every method that takes it, under bf16 too;
 and the whole block wherever the shortcut does not hold."""
 
