@@ -2,6 +2,7 @@
 
     python -m bench.train_step [--cases lora-qv,lora-all,prompt,full] [--batch-size 8] [--seq 128]
                                [--steps 4] [--rounds 3] [--precision fp32|bf16|both]
+                               [--memory-runs 1] [--memory-only]
 
 Both sides: the same weights, the same random token ids (B x T, no padding), a fresh 2-way
 head, AdamW, clipping at 1.0, one optimizer step per batch. peftlab runs its own training loop
@@ -13,7 +14,9 @@ both (peftlab's default, applied to the whole process). peftlab's side is one `t
 (one optimizer, as in a real run) that hands over to HF's block after each of its own blocks
 (HF's loop keeps its optimizer too). Prints per case the median s/step, tokens/s, the ratio
 peftlab/HF tokens/s, MFU against the matmul peak measured in this run, and each side's peak
-memory (RSS, measured alone in a child process: --memory).
+memory, measured alone in a child process (--memory), median of --memory-runs alternating
+children: the peak RSS, and the peak live heap (what the tensors hold; RSS also counts the free
+heap the tuned allocator keeps, which moves by up to 256 MiB between identical children).
 """
 
 import argparse
@@ -153,12 +156,23 @@ def time_case(case: str, args) -> tuple[float, float, float]:
     return statistics.median(a), statistics.median(b), step_flops(ours, case, args.batch_size, tokens)
 
 
-def memory(case: str, side: str, args) -> float:
-    """Peak RSS (MiB) of one side alone, in a fresh process."""
+def memory(case: str, side: str, args) -> tuple[float, float]:
+    """Peak RSS and peak live heap (MiB) of one side alone, in a fresh process."""
     out = subprocess.run([sys.executable, "-m", "bench.train_step", "--memory", side, "--cases", case,
                           "--precision", args.precision, "--batch-size", str(args.batch_size), "--seq",
                           str(args.seq)], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    rss, live = out.stdout.strip().splitlines()[-1].split()
+    return float(rss), float(live)
+
+
+def memories(case: str, args) -> list[tuple[float, float]]:
+    """(peak RSS, peak live heap) medians for peftlab and for HF, over --memory-runs children each,
+    alternating sides."""
+    runs: dict[str, list] = {"peftlab": [], "hf": []}
+    for _ in range(args.memory_runs):
+        for side in runs:
+            runs[side].append(memory(case, side, args))
+    return [tuple(statistics.median(r[i] for r in runs[side]) for i in (0, 1)) for side in runs]
 
 
 def main() -> None:
@@ -169,6 +183,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "both"))
+    ap.add_argument("--memory-runs", type=int, default=1, help="children per side for the memory columns")
+    ap.add_argument("--memory-only", action="store_true", help="the memory columns only, no timing")
     ap.add_argument("--memory", choices=("peftlab", "hf"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     import transformers
@@ -178,31 +194,36 @@ def main() -> None:
     tune_allocator()
     torch.manual_seed(0)
     if args.memory:  # child: one side alone, warm-up + 2 steps, print its peak RSS
-        with PeakMemory() as mem:
+        with PeakMemory(live=True) as mem:
             if args.memory == "peftlab":
                 peftlab_side(args.cases, args)[1](3, 3, lambda: None)
             else:
                 hf_side(args.cases, args)[1](3)
-        print(mem.peak_mb)
+        print(mem.peak_mb, mem.live_mb if mem.live_mb is not None else float("nan"))
         return
     for precision in (("fp32", "bf16") if args.precision == "both" else (args.precision,)):
         args.precision = precision
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        peak = matmul_peak(dtype)
         print(f"## {precision}: batch {args.batch_size} x {args.seq} tokens", flush=True)
+        if args.memory_only:
+            print("| case | peak RSS peftlab / HF (MiB) | peak live heap peftlab / HF (MiB) |\n|---|---|---|")
+            for case in args.cases.split(","):
+                (ra, la), (rb, lb) = memories(case, args)
+                print(f"| {case} | {ra:.0f} / {rb:.0f} | {la:.0f} / {lb:.0f} |", flush=True)
+            continue
+        peak = matmul_peak(dtype)
         rows = []
         for case in args.cases.split(","):
             sa, sb, flops = time_case(case, args)
             peak = max(peak, matmul_peak(dtype))
-            mem = (memory(case, "peftlab", args), memory(case, "hf", args))
-            rows.append((case, sa, sb, flops, mem))
+            rows.append((case, sa, sb, flops, memories(case, args)))
             print(f"{case}: peftlab {sa:.2f} s/step, HF {sb:.2f} s/step ({sb / sa:.2f}x)", flush=True)
         print(f"matmul peak, best of all measures ({precision}): {peak / 1e9:.0f} GFLOP/s")
         print("| case | peftlab s/step | HF PEFT s/step | tokens/s ratio | peftlab MFU | HF MFU | "
-              "peak RSS peftlab / HF (MiB) |\n|---|---|---|---|---|---|---|")
-        for case, sa, sb, flops, mem in rows:
+              "peak RSS peftlab / HF (MiB) | peak live heap peftlab / HF (MiB) |\n|---|---|---|---|---|---|---|---|")
+        for case, sa, sb, flops, ((ra, la), (rb, lb)) in rows:
             print(f"| {case} | {sa:.2f} | {sb:.2f} | {sb / sa:.2f}x | {100 * flops / sa / peak:.0f}% | "
-                  f"{100 * flops / sb / peak:.0f}% | {mem[0]:.0f} / {mem[1]:.0f} |", flush=True)
+                  f"{100 * flops / sb / peak:.0f}% | {ra:.0f} / {rb:.0f} | {la:.0f} / {lb:.0f} |", flush=True)
     print(f"\n{datetime.date.today()}  {json.dumps(versions())}  {json.dumps(machine())}")
 
 

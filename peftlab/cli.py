@@ -214,7 +214,7 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args) -> None:
     from peftlab import parallel
-    from peftlab.compare import print_table
+    from peftlab.comparison import print_table
     from peftlab.run import train_run
     from peftlab.runconfig import RunConfig
     from peftlab.saved import resume_run
@@ -233,7 +233,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from peftlab.compare import compare, print_table
+    from peftlab.comparison import compare, print_table
 
     methods = [m for m in args.methods.split(",") if m.strip()]
     if not methods:

@@ -1,5 +1,7 @@
 """Measuring a run: peak memory while it runs, and the facts of the machine it ran on."""
 
+import ctypes
+import functools
 import math
 import os
 import platform
@@ -22,16 +24,48 @@ def rss_bytes() -> int:
         return 0
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+@functools.cache
+def _mallinfo2():
+    try:
+        f = ctypes.CDLL("libc.so.6").mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    f.restype = _MallInfo2
+    return f
+
+
+def live_heap_bytes() -> int | None:
+    """Bytes in live malloc allocations, all arenas (glibc's mallinfo2; None elsewhere): on the
+    CPU, the memory tensors hold. RSS also counts the free heap that `speed.tune_allocator` keeps
+    resident, which moves by up to its 256 MiB top pad between identical runs as allocations land."""
+    f = _mallinfo2()
+    if f is None:
+        return None
+    info = f()
+    return info.uordblks + info.hblkhd
+
+
 class PeakMemory:
     """Context manager: the peak memory inside the block, and its rise over the start, in MiB.
 
     On CPU, a sampler thread reads the process RSS every `interval` seconds (ru_maxrss only
-    ever grows, so it cannot measure one run among several in a process). On CUDA, the
-    allocator's own peak counter.
+    ever grows, so it cannot measure one run among several in a process), and with `live` (glibc)
+    the live heap too (`live_mb`: what the tensors held at most, without the allocator's kept
+    free space; each read holds the heap's lock ~0.2 ms, hence opt-in). On CUDA, the allocator's
+    own peak counter, for both.
     """
 
-    def __init__(self, device: str = "cpu", interval: float = 0.02):
+    def __init__(self, device: str = "cpu", interval: float = 0.02, live: bool = False):
         self.device, self.interval, self.peak_mb, self.rise_mb = device, interval, 0.0, 0.0
+        self.live = live
+        self.live_mb: float | None = None
+        self._live: int | None = None
         self._stop = threading.Event()
 
     def __enter__(self) -> "PeakMemory":
@@ -39,6 +73,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
         release_memory()  # the tuned allocator keeps freed memory: a run after another would count it
         self._peak = self._start = rss_bytes()
+        self._live = live_heap_bytes() if self.live else None
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -46,12 +81,18 @@ class PeakMemory:
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             self._peak = max(self._peak, rss_bytes())
+            if self._live is not None:
+                self._live = max(self._live, live_heap_bytes() or 0)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
         peak = torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else max(self._peak, rss_bytes())
         self.peak_mb = peak / 2**20
+        if self.device.startswith("cuda"):
+            self.live_mb = self.peak_mb
+        elif self._live is not None:
+            self.live_mb = max(self._live, live_heap_bytes() or 0) / 2**20
         # what the block added on top of what was resident when it began
         self.rise_mb = (peak - (0 if self.device.startswith("cuda") else self._start)) / 2**20
 

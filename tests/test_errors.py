@@ -7,6 +7,8 @@ import json
 import random
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -592,3 +594,16 @@ def test_the_python_api_checks_types_and_takes_numpy_numbers_and_paths():
     values = (cfg.seed, cfg.out, cfg.train.lr, cfg.train.batch_size, cfg.method_args.lora_r)
     assert values == (1, "runs/x", 0.5, 16, 4) and [type(v) for v in values] == [int, str, float, int, int]
     json.dumps(asdict(cfg))  # plain values: config.json stays loadable
+
+
+def test_import_peftlab_is_light_and_every_export_resolves():
+    """`import peftlab` must not import torch (the CLI's --help and flag errors wait for it);
+    every public name resolves on first use, and `compare` is the function, not a module."""
+    code = ("import sys, inspect, peftlab\n"
+            "assert 'torch' not in sys.modules, 'import peftlab imported torch'\n"
+            "import peftlab.comparison\n"
+            "assert inspect.isfunction(peftlab.compare)\n"
+            "from peftlab import *\n"
+            "missing = [n for n in peftlab.__all__ if n not in globals()]\n"
+            "assert not missing and sorted(peftlab.__all__) == sorted(peftlab._EXPORTS), missing\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -28,6 +28,23 @@ def test_the_allocator_is_tuned_on_glibc_unless_asked_not_to(monkeypatch):
     tune_allocator.cache_clear()  # the process's allocator stays tuned: mallopt was not undone
 
 
+def test_peak_memory_sees_a_tensor_in_the_live_heap_and_in_rss():
+    import time
+
+    from peftlab.measure import PeakMemory, live_heap_bytes
+
+    if live_heap_bytes() is None:
+        pytest.skip("glibc >= 2.33 only")
+    with PeakMemory(interval=0.005, live=True) as mem:
+        start = live_heap_bytes() / 2**20
+        x = torch.ones(64 * 2**18)  # 64 MiB, written: resident
+        time.sleep(0.05)
+        del x
+    assert 60 < mem.live_mb - start < 80, (mem.live_mb, start)
+    assert mem.rise_mb > 60
+    assert PeakMemory().live_mb is None  # opt-in: each read holds the heap's lock
+
+
 def test_auto_precision_is_bf16_exactly_where_the_cpu_has_bf16():
     assert resolve("auto") == ("bf16" if cpu_has_bf16() else "fp32")
     assert resolve("fp32") == "fp32" and resolve("bf16") == "bf16"
