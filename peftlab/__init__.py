@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {  # public name -> the module that defines it
     "compare": "comparison", "print_table": "comparison",
     "TASKS": "data", "Task": "data", "load_task": "data",
-    "Sampling": "decode", "generate": "decode",
+    "Sampling": "runconfig", "generate": "decode",
     "PeftlabError": "errors",
     "GEN_TASKS": "generation", "GenTask": "generation", "load_gen_task": "generation",
     "Classifier": "heads", "LanguageModel": "heads",
@@ -22,9 +22,8 @@ _EXPORTS = {  # public name -> the module that defines it
     "EMBEDDED": "models", "Backbone": "models", "load_backbone": "models",
     "load_generator": "generator",
     "train_run": "run",
-    "RunConfig": "runconfig",
+    "RunConfig": "runconfig", "TrainArgs": "runconfig",
     "eval_run": "saved", "load_run": "saved",
-    "TrainArgs": "train",
 }
 __all__ = [
     "EMBEDDED", "GEN_TASKS", "TASKS", "Backbone", "Classifier", "GenTask", "LanguageModel", "PeftlabError",
@@ -49,7 +48,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and editors see
     from peftlab.comparison import compare, print_table
     from peftlab.data import TASKS, Task, load_task
-    from peftlab.decode import Sampling, generate
+    from peftlab.decode import generate
     from peftlab.errors import PeftlabError
     from peftlab.generation import GEN_TASKS, GenTask, load_gen_task
     from peftlab.generator import load_generator
@@ -57,6 +56,5 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from peftlab.methods import parse_method, trainable_names
     from peftlab.models import EMBEDDED, Backbone, load_backbone
     from peftlab.run import train_run
-    from peftlab.runconfig import RunConfig
+    from peftlab.runconfig import RunConfig, Sampling, TrainArgs
     from peftlab.saved import eval_run, load_run
-    from peftlab.train import TrainArgs

@@ -9,6 +9,7 @@ import typing
 import warnings
 
 from peftlab.errors import PeftlabError
+from peftlab.runconfig import PRECISIONS, MethodArgs, RunConfig, Sampling, TrainArgs
 
 
 def _flag_type(tp):
@@ -51,11 +52,6 @@ def _pick(ns: argparse.Namespace, cls) -> dict:
 
 
 def config_from_args(ns: argparse.Namespace, **override):
-    from peftlab.decode import Sampling
-    from peftlab.methods import MethodArgs
-    from peftlab.runconfig import RunConfig
-    from peftlab.train import TrainArgs
-
     run_kw = {k: v for k, v in _pick(ns, RunConfig).items() if k not in ("train", "method_args", "decoding")}
     return RunConfig(**{**run_kw, **override}, train=TrainArgs(**_pick(ns, TrainArgs)),
                      method_args=MethodArgs(**_pick(ns, MethodArgs)), decoding=Sampling(**_pick(ns, Sampling)))
@@ -69,11 +65,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from peftlab.decode import Sampling
-    from peftlab.methods import MethodArgs
-    from peftlab.runconfig import RunConfig
-    from peftlab.speed import PRECISIONS
-    from peftlab.train import TrainArgs
 
     p = Parser(prog="peftlab", description="Fine-tune pretrained transformers cheaply and "
                                 "compare the ways of doing it.")
@@ -216,7 +207,6 @@ def cmd_train(args) -> None:
     from peftlab import parallel
     from peftlab.comparison import print_table
     from peftlab.run import train_run
-    from peftlab.runconfig import RunConfig
     from peftlab.saved import resume_run
 
     cfg = config_from_args(args)
@@ -247,7 +237,6 @@ def cmd_compare(args) -> None:
 def cmd_eval(args) -> None:
     from peftlab.saved import eval_run
 
-    from peftlab.decode import Sampling
     from peftlab.metrics import percent
 
     given = {k: v for k, v in _pick(args, Sampling).items() if v is not None}
@@ -273,7 +262,6 @@ def cmd_merge(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from peftlab.decode import Sampling
     from peftlab.generator import load_generator
 
     g = load_generator(args.source, chat=args.chat)

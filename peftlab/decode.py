@@ -12,37 +12,16 @@ stay in the cache; positions and masks come from `virtual.body_inputs`.
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from peftlab import parallel
-from peftlab.config import check_fields
 from peftlab.errors import PeftlabError
 from peftlab.methods.lora import inference_weights
+from peftlab.runconfig import Sampling
 from peftlab.speed import autocast, resolve
 from peftlab.virtual import body_inputs, output_cache, virtual_tokens
-
-
-@dataclass
-class Sampling:
-    """How the next token is chosen. temperature 0 means greedy."""
-
-    temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0: greedy)"})
-    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0: all)"})
-    top_p: float = field(default=1.0, metadata={"help": "sample within the smallest set of probability p (1: all)"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages tokens already in the "
-                                                                      "sequence (CTRL-style)"})
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        for ok, msg in ((self.temperature >= 0, "--temperature must be >= 0 (0 is greedy)"),
-                        (self.top_k >= 0, "--top-k must be >= 0 (0 keeps all tokens)"),
-                        (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
-                        (self.repetition_penalty > 0, "--repetition-penalty must be positive (1 is off)")):
-            if not ok:
-                raise PeftlabError(msg)
 
 
 def next_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, past=None, use_cache: bool = True,

@@ -25,9 +25,6 @@ from peftlab.unpad import last_hidden
 from peftlab.virtual import body_inputs
 
 Pooling = Literal["auto", "last", "first", "mean"]
-POOLINGS = ("auto", "last", "first", "mean")
-
-
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """(B, T, H) hidden states, (B, T) 0/1 mask -> (B, H)."""
     if how == "mean":

@@ -11,15 +11,12 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-Strategy = Literal["auto", "ddp", "fsdp"]
-STRATEGIES = ("auto", "ddp", "fsdp")
 # auto shards (FSDP) once the trained weights with their gradients and AdamW moments (16 bytes a
 # parameter in fp32) pass this per process; below it DDP's replicas cost less communication
 FSDP_BYTES = 8 * 2**30

@@ -9,11 +9,107 @@ from pathlib import Path
 from typing import Literal
 
 from peftlab.config import build, check_fields
-from peftlab.decode import Sampling
 from peftlab.errors import PeftlabError
-from peftlab.heads import POOLINGS
-from peftlab.methods import MethodArgs, parse_method, unread_args
-from peftlab.train import TrainArgs
+
+# Light on purpose (no torch, no transformers): the CLI builds its flags from these dataclasses
+# before it imports anything heavy. The modules that use a setting import it from here.
+
+Precision = Literal["auto", "bf16", "fp32"]
+PRECISIONS = ("auto", "bf16", "fp32")
+Strategy = Literal["auto", "ddp", "fsdp"]
+POOLINGS = ("auto", "last", "first", "mean")
+DEFAULT_TARGETS = "q_proj,v_proj,c_attn:q,v,query,value"  # LoRA's: q and v in Llama, GPT-2 and BERT
+PLACEMENTS = {"houlsby": ("serial", ("attn", "ffn")), "pfeiffer": ("serial", ("ffn",)),
+              "parallel": ("parallel", ("ffn",))}
+
+
+@dataclass
+class TrainArgs:
+    """Hyperparameters of the training loop (each is also a CLI flag)."""
+
+    epochs: int = field(default=3, metadata={"help": "passes over the training data"})
+    batch_size: int = field(default=16, metadata={"help": "examples per optimizer step (before accumulation)"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's own)"})
+    head_lr: float = field(default=1e-2, metadata={"help": "peak learning rate of the freshly initialised task head"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW decay on matrices (not biases/norms)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps with linear warmup"})
+    schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "decay after warmup"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "batch size for evaluation"})
+    bucket: bool = field(default=True, metadata={"help": "batch examples of similar length together"})
+    save_every: int = field(default=200, metadata={"help": "write a checkpoint every N optimizer steps (and "
+                                                    "when each epoch's batches are done); 0: at epochs only"})
+    skip_nonfinite: bool = field(default=False, metadata={"help": "skip a batch whose loss or gradient is not "
+                                                          "finite (default: save and stop)"})
+    precision: Precision = field(default="auto", metadata={"help": "auto: bf16 autocast where the CPU has bf16 "
+                                                           "instructions, else fp32; or bf16, fp32"})
+    parallel: Strategy = field(default="auto", metadata={"help": "under torchrun: ddp (replicas), fsdp (sharded "
+                                                         "weights, gradients, optimizer state) or auto (fsdp once "
+                                                         "the trained state passes 8 GiB)"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
+            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (self.save_every >= 0, "--save-every must be >= 0 (0: checkpoints at epochs only)"),
+            (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.head_lr > 0, f"--head-lr must be positive, got {self.head_lr}"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+            (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 turns clipping off)"),
+        ]  # schedule, precision and parallel: their Literal types, checked above
+        for ok, msg in checks:
+            if not ok:
+                raise PeftlabError(msg)
+
+
+@dataclass
+class MethodArgs:
+    """Hyperparameters of the methods (each is also a CLI flag); a method reads its own."""
+
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_targets: str = field(default=DEFAULT_TARGETS, metadata={
+        "help": "module names or regexes to adapt, 'all-linear', or 'c_attn:q,v' for parts of a fused qkv"})
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
+    virtual_tokens: int = field(default=20, metadata={"help": "soft-prompt / prefix length"})
+    prompt_init: str = field(default="vocab", metadata={"help": "soft-prompt init: text, vocab or random"})
+    prompt_text: str | None = field(default=None, metadata={"help": "init text for --prompt-init text"})
+    prefix_projection: int = field(default=0, metadata={"help": "prefix MLP width (0: a plain table)"})
+    prefix_init: str = field(default="tokens", metadata={
+        "help": "prefix init: tokens (the model's keys/values of random tokens) or random (N(0,1), as HF PEFT)"})
+    adapter: str = field(default="parallel", metadata={"help": f"bottleneck placement: {', '.join(PLACEMENTS)}"})
+    adapter_reduction: int = field(default=16, metadata={"help": "hidden size / bottleneck width"})
+    adapter_scaling: float = field(default=1.0, metadata={"help": "scale of the adapter's output"})
+    adapter_at: str | None = field(default=None, metadata={"help": "override where: attn, ffn or attn,ffn"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen. temperature 0 means greedy."""
+
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0: greedy)"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0: all)"})
+    top_p: float = field(default=1.0, metadata={"help": "sample within the smallest set of probability p (1: all)"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages tokens already in the "
+                                                                      "sequence (CTRL-style)"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for ok, msg in ((self.temperature >= 0, "--temperature must be >= 0 (0 is greedy)"),
+                        (self.top_k >= 0, "--top-k must be >= 0 (0 keeps all tokens)"),
+                        (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+                        (self.repetition_penalty > 0, "--repetition-penalty must be positive (1 is off)")):
+            if not ok:
+                raise PeftlabError(msg)
 
 
 @dataclass
@@ -119,6 +215,8 @@ def warn_unread(cfg: RunConfig, methods: list[str] | None = None) -> None:
     runs them): said once, before any work."""
     flag = lambda name: "--" + name.replace("_", "-")
     specs = [m for m in (methods or [cfg.method]) if not m.endswith((".yaml", ".yml"))]
+    from peftlab.methods import parse_method, unread_args
+
     each = [unread_args(parse_method(m, cfg.method_args), cfg.method_args) for m in specs]
     unread = [n for n in (each[0] if each else []) if all(n in e for e in each)]
     if unread:

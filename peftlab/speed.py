@@ -8,7 +8,6 @@ import functools
 import os
 import platform
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
 from peftlab.parallel import sharded
-
-Precision = Literal["auto", "bf16", "fp32"]
-PRECISIONS = ("auto", "bf16", "fp32")
+from peftlab.runconfig import PRECISIONS
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -21,58 +20,13 @@ from tqdm.auto import tqdm
 
 from peftlab import parallel
 from peftlab.batching import Encoded, batch_indices, collate, eval_batches
-from peftlab.config import check_fields
 from peftlab.errors import PeftlabError
 from peftlab.features import FeatureCache, logits_from_cache
 from peftlab.methods.lora import inference_weights
 from peftlab.measure import fmt_seconds
 from peftlab.metrics import classification_metrics, percent
-from peftlab.parallel import Strategy
-from peftlab.speed import Precision, autocast, bf16_weights, fp32_attention, tune_allocator
-
-
-@dataclass
-class TrainArgs:
-    """Hyperparameters of the training loop (each is also a CLI flag)."""
-
-    epochs: int = field(default=3, metadata={"help": "passes over the training data"})
-    batch_size: int = field(default=16, metadata={"help": "examples per optimizer step (before accumulation)"})
-    lr: float | None = field(default=None, metadata={"help": "peak learning rate (default: the method's own)"})
-    head_lr: float = field(default=1e-2, metadata={"help": "peak learning rate of the freshly initialised task head"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW decay on matrices (not biases/norms)"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps with linear warmup"})
-    schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "decay after warmup"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
-    eval_batch_size: int = field(default=64, metadata={"help": "batch size for evaluation"})
-    bucket: bool = field(default=True, metadata={"help": "batch examples of similar length together"})
-    save_every: int = field(default=200, metadata={"help": "write a checkpoint every N optimizer steps (and "
-                                                    "when each epoch's batches are done); 0: at epochs only"})
-    skip_nonfinite: bool = field(default=False, metadata={"help": "skip a batch whose loss or gradient is not "
-                                                          "finite (default: save and stop)"})
-    precision: Precision = field(default="auto", metadata={"help": "auto: bf16 autocast where the CPU has bf16 "
-                                                           "instructions, else fp32; or bf16, fp32"})
-    parallel: Strategy = field(default="auto", metadata={"help": "under torchrun: ddp (replicas), fsdp (sharded "
-                                                         "weights, gradients, optimizer state) or auto (fsdp once "
-                                                         "the trained state passes 8 GiB)"})
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        checks = [
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
-            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
-            (self.save_every >= 0, "--save-every must be >= 0 (0: checkpoints at epochs only)"),
-            (self.lr is None or self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.head_lr > 0, f"--head-lr must be positive, got {self.head_lr}"),
-            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
-            (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0 (0 turns clipping off)"),
-        ]  # schedule, precision and parallel: their Literal types, checked above
-        for ok, msg in checks:
-            if not ok:
-                raise PeftlabError(msg)
+from peftlab.runconfig import TrainArgs
+from peftlab.speed import autocast, bf16_weights, fp32_attention, tune_allocator
 
 
 @dataclass

@@ -18,46 +18,22 @@ YAML file listing the parts, each with its own settings (MethodArgs field names)
 import dataclasses
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from torch import nn
 
 from peftlab.checkpoint import load_yaml
-from peftlab.config import build, check_fields
+from peftlab.config import build
 from peftlab.errors import PeftlabError, unknown
-from peftlab.methods.adapters import PLACEMENTS, Adapters
+from peftlab.methods.adapters import Adapters
 from peftlab.methods.ia3 import IA3
-from peftlab.methods.lora import DEFAULT_TARGETS, Lora
+from peftlab.methods.lora import Lora
 from peftlab.methods.prefix import PrefixTuning
 from peftlab.methods.prompt import PromptTuning
 from peftlab.methods.selective import SELECTIVE_SPECS, Selective, parse_selective
-
-
-@dataclass
-class MethodArgs:
-    """Hyperparameters of the methods (each is also a CLI flag); a method reads its own."""
-
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_targets: str = field(default=DEFAULT_TARGETS, metadata={
-        "help": "module names or regexes to adapt, 'all-linear', or 'c_attn:q,v' for parts of a fused qkv"})
-    rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling alpha / sqrt(r)"})
-    virtual_tokens: int = field(default=20, metadata={"help": "soft-prompt / prefix length"})
-    prompt_init: str = field(default="vocab", metadata={"help": "soft-prompt init: text, vocab or random"})
-    prompt_text: str | None = field(default=None, metadata={"help": "init text for --prompt-init text"})
-    prefix_projection: int = field(default=0, metadata={"help": "prefix MLP width (0: a plain table)"})
-    prefix_init: str = field(default="tokens", metadata={
-        "help": "prefix init: tokens (the model's keys/values of random tokens) or random (N(0,1), as HF PEFT)"})
-    adapter: str = field(default="parallel", metadata={"help": f"bottleneck placement: {', '.join(PLACEMENTS)}"})
-    adapter_reduction: int = field(default=16, metadata={"help": "hidden size / bottleneck width"})
-    adapter_scaling: float = field(default=1.0, metadata={"help": "scale of the adapter's output"})
-    adapter_at: str | None = field(default=None, metadata={"help": "override where: attn, ffn or attn,ffn"})
-
-    def __post_init__(self) -> None:
-        check_fields(self)
+from peftlab.runconfig import MethodArgs
 
 
 class Method(Protocol):

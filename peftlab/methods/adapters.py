@@ -17,9 +17,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
-
-PLACEMENTS = {"houlsby": ("serial", ("attn", "ffn")), "pfeiffer": ("serial", ("ffn",)),
-              "parallel": ("parallel", ("ffn",))}
+from peftlab.runconfig import PLACEMENTS
 
 
 class Bottleneck(nn.Module):

@@ -23,10 +23,9 @@ from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
 from peftlab.parallel import sharded
+from peftlab.runconfig import DEFAULT_TARGETS
 from peftlab.speed import bf16_weights, casts_once
 from peftlab.unpad import padded
-
-DEFAULT_TARGETS = "q_proj,v_proj,c_attn:q,v,query,value"
 
 
 class LoraLayer(nn.Module):
