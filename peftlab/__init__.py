@@ -19,7 +19,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "GEN_TASKS": "generation", "GenTask": "generation", "load_gen_task": "generation",
     "Classifier": "heads", "LanguageModel": "heads",
     "parse_method": "methods", "trainable_names": "methods",
-    "EMBEDDED": "models", "Backbone": "models", "load_backbone": "models",
+    "EMBEDDED": "runconfig", "Backbone": "models", "load_backbone": "models",
     "load_generator": "generator",
     "train_run": "run",
     "RunConfig": "runconfig", "TrainArgs": "runconfig",
@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from peftlab.generator import load_generator
     from peftlab.heads import Classifier, LanguageModel
     from peftlab.methods import parse_method, trainable_names
-    from peftlab.models import EMBEDDED, Backbone, load_backbone
+    from peftlab.models import Backbone, load_backbone
     from peftlab.run import train_run
-    from peftlab.runconfig import RunConfig, Sampling, TrainArgs
+    from peftlab.runconfig import EMBEDDED, RunConfig, Sampling, TrainArgs
     from peftlab.saved import eval_run, load_run

