@@ -187,6 +187,8 @@ def main() -> None:
     ap.add_argument("--memory-only", action="store_true", help="the memory columns only, no timing")
     ap.add_argument("--memory", choices=("peftlab", "hf"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_runs < 1:
+        ap.error("--memory-runs must be at least 1")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

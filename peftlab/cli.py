@@ -65,7 +65,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     p = Parser(prog="peftlab", description="Fine-tune pretrained transformers cheaply and "
                                 "compare the ways of doing it.")
     sub = p.add_subparsers(dest="command", required=True)

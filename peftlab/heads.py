@@ -12,19 +12,18 @@ Pooling reads one vector per sequence from the body's last hidden states:
   mean   the mean over real tokens
 """
 
-from typing import Literal
-
 import torch
 from torch import nn
 
 from peftlab.arch import Arch
 from peftlab.errors import PeftlabError
 from peftlab.pooled import hidden_at, pool_position
+from peftlab.runconfig import Pooling
 from peftlab.speed import in_fp32
 from peftlab.unpad import last_hidden
 from peftlab.virtual import body_inputs
 
-Pooling = Literal["auto", "last", "first", "mean"]
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """(B, T, H) hidden states, (B, T) 0/1 mask -> (B, H)."""
     if how == "mean":

@@ -57,7 +57,8 @@ class PeakMemory:
     On CPU, a sampler thread reads the process RSS every `interval` seconds (ru_maxrss only
     ever grows, so it cannot measure one run among several in a process), and with `live` (glibc)
     the live heap too (`live_mb`: what the tensors held at most, without the allocator's kept
-    free space; each read holds the heap's lock ~0.2 ms, hence opt-in). On CUDA, the allocator's
+    free space; each read walks the free chunks under the heap's lock, 0.2 ms to several ms
+    as the heap fragments, hence opt-in). On CUDA, the allocator's
     own peak counter, for both.
     """
 
@@ -89,7 +90,7 @@ class PeakMemory:
         self._thread.join()
         peak = torch.cuda.max_memory_allocated() if self.device.startswith("cuda") else max(self._peak, rss_bytes())
         self.peak_mb = peak / 2**20
-        if self.device.startswith("cuda"):
+        if self.live and self.device.startswith("cuda"):
             self.live_mb = self.peak_mb
         elif self._live is not None:
             self.live_mb = max(self._live, live_heap_bytes() or 0) / 2**20

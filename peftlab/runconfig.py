@@ -6,6 +6,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+import typing
 from typing import Literal
 
 from peftlab.config import build, check_fields
@@ -17,7 +18,8 @@ from peftlab.errors import PeftlabError
 Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS = ("auto", "bf16", "fp32")
 Strategy = Literal["auto", "ddp", "fsdp"]
-POOLINGS = ("auto", "last", "first", "mean")
+Pooling = Literal["auto", "last", "first", "mean"]
+POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
 DEFAULT_TARGETS = "q_proj,v_proj,c_attn:q,v,query,value"  # LoRA's: q and v in Llama, GPT-2 and BERT
 
 # --model names that need no path and no download (`peftlab models`)

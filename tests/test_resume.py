@@ -106,7 +106,8 @@ def test_ctrl_c_before_the_first_checkpoint_says_the_run_starts_again(reference,
 
 
 def test_an_interrupted_compare_continues_with_the_same_out(reference, tmp_path, monkeypatch, capsys):
-    compare_module = sys.modules["peftlab.comparison"]
+    import peftlab.comparison as compare_module
+
     task, _ = reference
     out = tmp_path / "cmp"
     argv = ["compare", "--model", "tiny-llama", "--task", task, "--methods", "head,lora", "--epochs", "2",
