@@ -1,9 +1,9 @@
 """One of peftlab's bf16 training speed-ups on and off: the same peftlab run twice.
 
     python -m bench.speed_switch [--switch bf16_weights|fp32_attention|unpad|last_block] [--task sst2]
-                                 [--train-limit 2000] [--rounds 2]
+                                 [--train-limit 2000] [--rounds 2] [--model smollm2-135m]
 
-LoRA (default targets) on SmolLM2-135M under bf16 autocast, one epoch, batch 16, evaluation on
+LoRA (default targets) on SmolLM2-135M (or --model) under bf16 autocast, one epoch, batch 16, evaluation on
 100 test rows. "off" replaces the switch in the training loop with a no-op:
 - bf16_weights (`speed.bf16_weights`): autocast then casts every frozen weight again in every
   forward, as it does in HF's loops; test metrics are identical on both sides (the copies hold
@@ -47,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--switch", default="fp32_attention",
                     choices=("bf16_weights", "fp32_attention", "unpad", "last_block"))
+    ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--train-limit", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
@@ -57,7 +58,7 @@ def main() -> None:
         for r in range(args.rounds):
             for side in ("on", "off"):
                 use(side == "on")
-                cfg = RunConfig(model="smollm2-135m", task=args.task, method="lora", train_limit=args.train_limit,
+                cfg = RunConfig(model=args.model, task=args.task, method="lora", train_limit=args.train_limit,
                                 eval_limit=100, out=f"{tmp}/{side}{r}",
                                 train=TrainArgs(epochs=1, batch_size=16, precision="bf16"))
                 rec = train_run(cfg, progress=False)
@@ -66,7 +67,7 @@ def main() -> None:
                       f"test macro-F1 {rec['test']['macro_f1']:.4f}", flush=True)
     use(True)
     on, off = statistics.median(seconds["on"]), statistics.median(seconds["off"])
-    print(f"{args.task}, {args.train_limit} rows, {args.switch}: on {on:.1f} s, off {off:.1f} s, on/off {on / off:.3f}")
+    print(f"{args.model}, {args.task}, {args.train_limit} rows, {args.switch}: on {on:.1f} s, off {off:.1f} s, on/off {on / off:.3f}")
 
 
 if __name__ == "__main__":

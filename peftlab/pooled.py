@@ -4,7 +4,8 @@ A classifier reads one position per row from the body's output: the last real to
 causal LM, the first of an encoder. Every position below the last block matters (the pooled one
 attends to them all), but the last block's own outputs are read only there: its queries,
 attention, output projection, MLP and the final norm need B rows, only its keys and values all
-N. On SmolLM2-135M that is 94% of the last block's weights, ~3% of a training step.
+N. On SmolLM2-135M that is 94% of the last block's weights, ~3% of a training step's FLOPs; on
+MiniLM-L6 (6 blocks, pooled at [CLS]) 10-14% of a LoRA epoch.
 
     body up to the last block   all N positions (padded or not: `unpad.last_hidden`)
     last block                  keys, values: all N; the rest: the B pooled rows
@@ -12,7 +13,8 @@ N. On SmolLM2-135M that is 94% of the last block's weights, ~3% of a training st
 
 The body runs until the last block is called (a hook takes its input and stops it there); the
 block then runs here, through its own submodules, so LoRA, IA3 and adapter hooks on them apply
-as usual. Built for Llama's decoder layer (SmolLM2, Llama); other blocks, FSDP-sharded ones
+as usual. Built for Llama's decoder layer (SmolLM2, Llama) and BERT's encoder layer (MiniLM;
+post-norm, no final norm); other blocks, FSDP-sharded ones
 (their weights are gathered when the block itself is called), hooks on the block's output or
 on its attention module (neither is called here), KV caches (a prefix),
 attention other than SDPA, a pooled position that does not see its whole row (the first token
@@ -27,14 +29,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import BertAttention, BertLayer, BertSelfAttention
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, rotate_half
 
 from peftlab.unpad import Layout, causal, last_hidden, plain_sdpa
 
 ENABLED = True  # bench.speed_switch turns it off for its A/B runs
-# blocks whose forward `_block` repeats; exact types: a subclass may do more in its forward (FSDP's
-# sharded blocks gather their weights there)
-BLOCKS = (LlamaDecoderLayer,)
 _whole = contextvars.ContextVar("peftlab_whole_last_block", default=False)
 
 
@@ -83,7 +83,7 @@ def hidden_at(model: nn.Module, kw: dict, mask: torch.Tensor, at: torch.Tensor) 
     entered = block_input(block, lambda: ran.append(last_hidden(model, kw, mask)))
     if entered is None:  # the body's block list stops short of the last block (`features.top_only`)
         return ran[0][rows, at]
-    h, (cos, sin) = hidden_arg(*entered), entered[1]["position_embeddings"]
+    h = hidden_arg(*entered)
     if h.shape[:2] == mask.shape:  # padded (B, T, H): keys at every position, pads masked
         key_mask, grid, q_at = mask.bool()[:, None, None, :], (lambda t: t), (rows, at)
     else:  # unpadded (1, N, H): keys on attention's grid, as `unpad` lays them out
@@ -91,16 +91,17 @@ def hidden_at(model: nn.Module, kw: dict, mask: torch.Tensor, at: torch.Tensor) 
         key_mask, grid = lay.key_mask(), lay.grid
         q_at = (0, (mask.reshape(-1).cumsum(0) - 1)[rows * mask.shape[1] + at])
     impl = model.arch.body.config._attn_implementation
-    return model.arch.final_norm(_block(block, h, cos, sin, q_at, key_mask, grid, impl))[:, 0]
+    out = _block(block, h, entered[1], q_at, key_mask, grid, impl)
+    return (out if model.arch.final_norm is None else model.arch.final_norm(out))[:, 0]
 
 
 def _shortcut(model: nn.Module, kw: dict, mask: torch.Tensor, rows: torch.Tensor, at: torch.Tensor) -> bool:
-    """Whether the last block may run at `at` only: a Llama block, called by the body as it is,
-    without a KV cache, every pooled position real and seeing its whole row."""
+    """Whether the last block may run at `at` only: a block `_block` knows, called by the body as
+    it is, without a KV cache, every pooled position real and seeing its whole row."""
     arch = model.arch
     block = arch.blocks[-1]
-    if not ENABLED or _whole.get() or type(block) not in BLOCKS or type(block.self_attn) is not LlamaAttention \
-            or arch.final_norm is None or not plain_sdpa(arch.body, kw) or _hooked(block, block.self_attn):
+    if not ENABLED or _whole.get() or type(block) not in BLOCKS or not BLOCKS[type(block)](block, arch.final_norm) \
+            or not plain_sdpa(arch.body, kw) or _hooked(block):
         return False
     if not bool(mask[rows, at].all()):
         return False  # a pooled position that is padding (an empty row)
@@ -121,11 +122,13 @@ def hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _hooked(block: nn.Module, attn: nn.Module) -> bool:
+def _hooked(block: nn.Module) -> bool:
     """Hooks that would not run here: the block is never called (its pre-hooks run: the body
-    calls it), its attention module neither (e.g. a parallel adapter reading attention's input)."""
+    calls it), its attention modules neither (e.g. a parallel adapter reading attention's input)."""
+    attns = [block.self_attn] if hasattr(block, "self_attn") else [block.attention, block.attention.self]
     return bool(block._forward_hooks or block._backward_hooks or block._backward_pre_hooks
-                or attn._forward_pre_hooks or attn._forward_hooks or attn._backward_hooks or attn._backward_pre_hooks)
+                or any(a._forward_pre_hooks or a._forward_hooks or a._backward_hooks or a._backward_pre_hooks
+                       for a in attns))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -134,10 +137,19 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotate_half(x) * sin
 
 
-def _block(block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_at: tuple,
+def _block(block: nn.Module, h: torch.Tensor, kwargs: dict, q_at: tuple, key_mask: torch.Tensor,
+           grid: Callable[[torch.Tensor], torch.Tensor], impl: str) -> torch.Tensor:
+    """The block's forward on `h` with queries at `h[q_at]` only: (B, 1, H) out. `kwargs`: those
+    the body called the block with; `grid` lays (1|B, heads, T, head_dim) keys and values out as
+    attention takes them, `key_mask` the real ones."""
+    if isinstance(block, BertLayer):
+        return _bert(block, h, q_at, key_mask, grid, impl)
+    return _llama(block, h, *kwargs["position_embeddings"], q_at, key_mask, grid, impl)
+
+
+def _llama(block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_at: tuple,
            key_mask: torch.Tensor, grid: Callable[[torch.Tensor], torch.Tensor], impl: str) -> torch.Tensor:
-    """`LlamaDecoderLayer.forward` with queries at `h[q_at]` only: (B, 1, H) out. `grid` lays
-    (1|B, heads, T, head_dim) keys and values out as attention takes them, `key_mask` the real ones."""
+    """`LlamaDecoderLayer.forward` with queries at `h[q_at]` only (pre-norm)."""
     attn = block.self_attn
     d = attn.head_dim
     x = block.input_layernorm(h)
@@ -149,3 +161,30 @@ def _block(block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         scaling=attn.scaling, is_causal=False)
     h = h[q_at][:, None] + attn.o_proj(out.flatten(-2))
     return h + block.mlp(block.post_attention_layernorm(h))
+
+
+def _bert(block: nn.Module, h: torch.Tensor, q_at: tuple, key_mask: torch.Tensor,
+          grid: Callable[[torch.Tensor], torch.Tensor], impl: str) -> torch.Tensor:
+    """`BertLayer.forward` with queries at `h[q_at]` only (post-norm: each sublayer's LayerNorm
+    follows its residual sum, so both are per row)."""
+    attn = block.attention.self
+    d = attn.attention_head_size
+    k = attn.key(h).unflatten(-1, (-1, d)).transpose(1, 2)
+    v = attn.value(h).unflatten(-1, (-1, d)).transpose(1, 2)
+    hq = h[q_at][:, None]
+    q = attn.query(hq).unflatten(-1, (-1, d)).transpose(1, 2)
+    out, _ = ALL_ATTENTION_FUNCTIONS[impl](
+        attn, q, grid(k), grid(v), key_mask, dropout=attn.dropout.p if attn.training else 0.0, scaling=attn.scaling,
+        is_causal=False)
+    a = block.attention.output(out.flatten(-2), hq)
+    return block.output(block.intermediate(a), a)
+
+
+# blocks whose forward `_block` repeats, each with the check that its parts are the ones it
+# knows; exact types: a subclass may do more in its forward (FSDP's sharded blocks gather their
+# weights there)
+BLOCKS: dict[type, Callable[[nn.Module, nn.Module | None], bool]] = {
+    LlamaDecoderLayer: lambda block, norm: type(block.self_attn) is LlamaAttention and norm is not None,
+    BertLayer: lambda block, norm: (type(block.attention) is BertAttention and not block.is_decoder
+                                    and type(block.attention.self) is BertSelfAttention and norm is None),
+}
