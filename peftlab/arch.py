@@ -6,6 +6,7 @@ LM head, hidden size, causal or not) and never branches on a model's name.
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
@@ -79,3 +80,9 @@ def describe(model: nn.Module) -> Arch:
         causal=fam.causal,
         family=fam,
     )
+
+
+def hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a block or one of its sublayers was called with (a forward pre-hook's
+    args and kwargs)."""
+    return args[0] if args else kwargs["hidden_states"]

@@ -31,10 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peftlab import pooled
+from peftlab.arch import hidden_arg
 from peftlab.batching import Encoded, collate, eval_batches, pad_rows
 from peftlab.checkpoint import load_weights, save_weights
 from peftlab.models import peftlab_home
-from peftlab.pooled import block_input, hidden_arg, whole_last_block
+from peftlab.pooled import block_input, whole_last_block
 from peftlab.speed import autocast, bf16_weights, fp32_attention, resolve
 
 POOLED = -1  # the cut point "pooled features": nothing in the body trains

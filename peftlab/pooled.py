@@ -25,6 +25,7 @@ body whole.
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertAttention, BertLayer, BertSelfAttention
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, rotate_half
 
+from peftlab.arch import hidden_arg
 from peftlab.unpad import Layout, causal, last_hidden, plain_sdpa
 
 ENABLED = True  # bench.speed_switch turns it off for its A/B runs
@@ -100,8 +102,9 @@ def _shortcut(model: nn.Module, kw: dict, mask: torch.Tensor, rows: torch.Tensor
     it is, without a KV cache, every pooled position real and seeing its whole row."""
     arch = model.arch
     block = arch.blocks[-1]
-    if not ENABLED or _whole.get() or type(block) not in BLOCKS or not BLOCKS[type(block)](block, arch.final_norm) \
-            or not plain_sdpa(arch.body, kw) or _hooked(block):
+    kind = BLOCKS.get(type(block))
+    if not ENABLED or _whole.get() or kind is None or not kind.fits(block, arch.final_norm) \
+            or not plain_sdpa(arch.body, kw) or _hooked(block, kind.skipped(block)):
         return False
     if not bool(mask[rows, at].all()):
         return False  # a pooled position that is padding (an empty row)
@@ -117,18 +120,12 @@ def pool_position(mask: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"unknown pooling '{how}'; valid: last, first, mean")
 
 
-def hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a block (or a norm) was called with."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _hooked(block: nn.Module) -> bool:
+def _hooked(block: nn.Module, skipped: list[nn.Module]) -> bool:
     """Hooks that would not run here: the block is never called (its pre-hooks run: the body
-    calls it), its attention modules neither (e.g. a parallel adapter reading attention's input)."""
-    attns = [block.self_attn] if hasattr(block, "self_attn") else [block.attention, block.attention.self]
+    calls it), nor are the `skipped` modules (e.g. a parallel adapter reading attention's input)."""
     return bool(block._forward_hooks or block._backward_hooks or block._backward_pre_hooks
                 or any(a._forward_pre_hooks or a._forward_hooks or a._backward_hooks or a._backward_pre_hooks
-                       for a in attns))
+                       for a in skipped))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -142,14 +139,13 @@ def _block(block: nn.Module, h: torch.Tensor, kwargs: dict, q_at: tuple, key_mas
     """The block's forward on `h` with queries at `h[q_at]` only: (B, 1, H) out. `kwargs`: those
     the body called the block with; `grid` lays (1|B, heads, T, head_dim) keys and values out as
     attention takes them, `key_mask` the real ones."""
-    if isinstance(block, BertLayer):
-        return _bert(block, h, q_at, key_mask, grid, impl)
-    return _llama(block, h, *kwargs["position_embeddings"], q_at, key_mask, grid, impl)
+    return BLOCKS[type(block)].run(block, h, kwargs, q_at, key_mask, grid, impl)
 
 
-def _llama(block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_at: tuple,
-           key_mask: torch.Tensor, grid: Callable[[torch.Tensor], torch.Tensor], impl: str) -> torch.Tensor:
+def _llama(block: nn.Module, h: torch.Tensor, kwargs: dict, q_at: tuple, key_mask: torch.Tensor,
+           grid: Callable[[torch.Tensor], torch.Tensor], impl: str) -> torch.Tensor:
     """`LlamaDecoderLayer.forward` with queries at `h[q_at]` only (pre-norm)."""
+    cos, sin = kwargs["position_embeddings"]
     attn = block.self_attn
     d = attn.head_dim
     x = block.input_layernorm(h)
@@ -163,7 +159,7 @@ def _llama(block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return h + block.mlp(block.post_attention_layernorm(h))
 
 
-def _bert(block: nn.Module, h: torch.Tensor, q_at: tuple, key_mask: torch.Tensor,
+def _bert(block: nn.Module, h: torch.Tensor, kwargs: dict, q_at: tuple, key_mask: torch.Tensor,
           grid: Callable[[torch.Tensor], torch.Tensor], impl: str) -> torch.Tensor:
     """`BertLayer.forward` with queries at `h[q_at]` only (post-norm: each sublayer's LayerNorm
     follows its residual sum, so both are per row)."""
@@ -180,11 +176,21 @@ def _bert(block: nn.Module, h: torch.Tensor, q_at: tuple, key_mask: torch.Tensor
     return block.output(block.intermediate(a), a)
 
 
-# blocks whose forward `_block` repeats, each with the check that its parts are the ones it
-# knows; exact types: a subclass may do more in its forward (FSDP's sharded blocks gather their
-# weights there)
-BLOCKS: dict[type, Callable[[nn.Module, nn.Module | None], bool]] = {
-    LlamaDecoderLayer: lambda block, norm: type(block.self_attn) is LlamaAttention and norm is not None,
-    BertLayer: lambda block, norm: (type(block.attention) is BertAttention and not block.is_decoder
+class _Kind(NamedTuple):
+    """What this module knows of one kind of block."""
+
+    run: Callable[..., torch.Tensor]  # its forward at the pooled rows (`_block`'s arguments)
+    fits: Callable[[nn.Module, nn.Module | None], bool]  # (block, final norm): its parts are the ones `run` knows
+    skipped: Callable[[nn.Module], list[nn.Module]]  # its modules `run` does not call (their hooks would not run)
+
+
+# exact types: a subclass may do more in its forward (FSDP's sharded blocks gather their weights there)
+BLOCKS: dict[type, _Kind] = {
+    LlamaDecoderLayer: _Kind(
+        _llama, lambda block, norm: type(block.self_attn) is LlamaAttention and norm is not None,
+        lambda block: [block.self_attn]),
+    BertLayer: _Kind(
+        _bert, lambda block, norm: (type(block.attention) is BertAttention and not block.is_decoder
                                     and type(block.attention.self) is BertSelfAttention and norm is None),
+        lambda block: [block.attention, block.attention.self]),
 }

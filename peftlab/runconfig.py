@@ -16,7 +16,7 @@ from peftlab.errors import PeftlabError
 # before it imports anything heavy. The modules that use a setting import it from here.
 
 Precision = Literal["auto", "bf16", "fp32"]
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 Strategy = Literal["auto", "ddp", "fsdp"]
 Pooling = Literal["auto", "last", "first", "mean"]
 POOLINGS: tuple[str, ...] = typing.get_args(Pooling)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peftlab.arch import hidden_arg
 from peftlab.errors import PeftlabError
 from peftlab.runconfig import PLACEMENTS
 
@@ -47,7 +48,7 @@ class AdapterHooks(nn.Module):
 
     def _keep_input(self, where: str):
         def hook(module, args, kwargs):
-            self._inputs[where] = args[0] if args else kwargs["hidden_states"]
+            self._inputs[where] = hidden_arg(args, kwargs)
         return hook
 
     def _add(self, where: str, form: str):
