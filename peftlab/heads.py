@@ -64,8 +64,9 @@ class LabelWords(nn.Module):
         B, (L, W) = input_ids.shape[0], self.word_ids.shape
         lm_head = model.arch.lm_head
         if W == 1:  # one forward: the next-token distribution after the input
-            kw, mask, _ = body_inputs(model, input_ids, attention_mask)
-            h = hidden_at(model, kw, mask, torch.full(mask.shape[:1], mask.shape[1] - 1, device=mask.device))
+            kw, mask, pool_mask = body_inputs(model, input_ids, attention_mask)
+            last = torch.full(mask.shape[:1], pool_mask.shape[1] - 1, device=mask.device)  # of the body's input
+            h = hidden_at(model, kw, mask, last)
             return self._log_probs(lm_head, h)[:, self.word_ids[:, 0]]
         words, wmask = self.word_ids.repeat(B, 1), self.word_mask.repeat(B, 1)  # (B*L, W)
         ids = torch.cat([input_ids.repeat_interleave(L, 0), words], 1)

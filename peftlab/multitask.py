@@ -55,6 +55,8 @@ class MultiTask:
 class TaskPrompts(nn.Module):
     """One soft prompt per task; `route` (task ids of the current rows) picks each row's."""
 
+    same_in_every_row = False
+
     def __init__(self, prompt: SoftPrompt, tasks: list[str]):
         super().__init__()
         self.n = prompt.n

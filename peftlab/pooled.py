@@ -16,10 +16,11 @@ block then runs here, through its own submodules, so LoRA, IA3 and adapter hooks
 as usual. Built for Llama's decoder layer (SmolLM2, Llama) and BERT's encoder layer (MiniLM;
 post-norm, no final norm); other blocks, FSDP-sharded ones
 (their weights are gathered when the block itself is called), hooks on the block's output or
-on its attention module (neither is called here), KV caches (a prefix),
+on its attention module (neither is called here), KV caches of rows' own,
 attention other than SDPA, a pooled position that does not see its whole row (the first token
 of a causal LM), and callers reading every row of the last block (`whole_last_block`) run the
-body whole.
+body whole. Keys and values that every row shares (a prefix, a shared soft prompt: `virtual.
+shared_cache`) go in front of the block's own.
 """
 
 import contextlib
@@ -34,7 +35,10 @@ from transformers.models.bert.modeling_bert import BertAttention, BertLayer, Ber
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, rotate_half
 
 from peftlab.arch import hidden_arg
-from peftlab.unpad import Layout, causal, last_hidden, plain_sdpa
+from peftlab.unpad import Layout, causal, input_mask, last_hidden, plain_sdpa, with_shared
+from peftlab.virtual import shared_key_values
+
+KeysValues = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 ENABLED = True  # bench.speed_switch turns it off for its A/B runs
 _whole = contextvars.ContextVar("peftlab_whole_last_block", default=False)
@@ -76,30 +80,37 @@ def hidden_at(model: nn.Module, kw: dict, mask: torch.Tensor, at: torch.Tensor) 
     """The body's output (B, H) at positions `at` (B,), for `kw` and the full `mask` (B, T) as
     `virtual.body_inputs` builds them: the last block computed at those positions only where
     that holds (`_shortcut`), else `unpad.last_hidden` there."""
-    at, mask = at.long(), mask.long()
+    at, mask = at.long(), input_mask(kw, mask).long()
     rows = torch.arange(len(at), device=at.device)
     if not _shortcut(model, kw, mask, rows, at):
         return last_hidden(model, kw, mask)[rows, at]
     block = model.arch.blocks[-1]
+    shared = shared_key_values(kw)  # keys and values every row sees first (read before the body adds to them)
     ran: list[torch.Tensor] = []
     entered = block_input(block, lambda: ran.append(last_hidden(model, kw, mask)))
     if entered is None:  # the body's block list stops short of the last block (`features.top_only`)
         return ran[0][rows, at]
     h = hidden_arg(*entered)
+    n = shared[-1][0].shape[2] if shared else 0
     if h.shape[:2] == mask.shape:  # padded (B, T, H): keys at every position, pads masked
-        key_mask, grid, q_at = mask.bool()[:, None, None, :], (lambda t: t), (rows, at)
+        key_mask = torch.cat([mask.new_ones(len(mask), n), mask], 1).bool()[:, None, None, :]
+        grid, q_at = (lambda t: t), (rows, at)
     else:  # unpadded (1, N, H): keys on attention's grid, as `unpad` lays them out
         lay = Layout(mask)
-        key_mask, grid = lay.key_mask(), lay.grid
+        key_mask, grid = lay.key_mask(n), lay.grid
         q_at = (0, (mask.reshape(-1).cumsum(0) - 1)[rows * mask.shape[1] + at])
+
+    def keys_values(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return with_shared(shared[-1], grid(k), grid(v)) if shared else (grid(k), grid(v))
     impl = model.arch.body.config._attn_implementation
-    out = _block(block, h, entered[1], q_at, key_mask, grid, impl)
+    out = _block(block, h, entered[1], q_at, key_mask, keys_values, impl)
     return (out if model.arch.final_norm is None else model.arch.final_norm(out))[:, 0]
 
 
 def _shortcut(model: nn.Module, kw: dict, mask: torch.Tensor, rows: torch.Tensor, at: torch.Tensor) -> bool:
     """Whether the last block may run at `at` only: a block `_block` knows, called by the body as
-    it is, without a KV cache, every pooled position real and seeing its whole row."""
+    it is, with no KV cache but keys every row shares, every pooled position real and seeing its
+    whole row."""
     arch = model.arch
     block = arch.blocks[-1]
     kind = BLOCKS.get(type(block))
@@ -135,15 +146,15 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def _block(block: nn.Module, h: torch.Tensor, kwargs: dict, q_at: tuple, key_mask: torch.Tensor,
-           grid: Callable[[torch.Tensor], torch.Tensor], impl: str) -> torch.Tensor:
+           keys_values: KeysValues, impl: str) -> torch.Tensor:
     """The block's forward on `h` with queries at `h[q_at]` only: (B, 1, H) out. `kwargs`: those
-    the body called the block with; `grid` lays (1|B, heads, T, head_dim) keys and values out as
-    attention takes them, `key_mask` the real ones."""
-    return BLOCKS[type(block)].run(block, h, kwargs, q_at, key_mask, grid, impl)
+    the body called the block with; `keys_values` lays (1|B, heads, T, head_dim) keys and values
+    out as attention takes them (behind any that every row shares), `key_mask` the real ones."""
+    return BLOCKS[type(block)].run(block, h, kwargs, q_at, key_mask, keys_values, impl)
 
 
 def _llama(block: nn.Module, h: torch.Tensor, kwargs: dict, q_at: tuple, key_mask: torch.Tensor,
-           grid: Callable[[torch.Tensor], torch.Tensor], impl: str) -> torch.Tensor:
+           keys_values: KeysValues, impl: str) -> torch.Tensor:
     """`LlamaDecoderLayer.forward` with queries at `h[q_at]` only (pre-norm)."""
     cos, sin = kwargs["position_embeddings"]
     attn = block.self_attn
@@ -153,14 +164,14 @@ def _llama(block: nn.Module, h: torch.Tensor, kwargs: dict, q_at: tuple, key_mas
     v = attn.v_proj(x).unflatten(-1, (-1, d)).transpose(1, 2)
     q = _rope(attn.q_proj(x[q_at][:, None]).unflatten(-1, (-1, d)), cos[q_at][:, None], sin[q_at][:, None])
     out, _ = ALL_ATTENTION_FUNCTIONS[impl](
-        attn, q.transpose(1, 2), grid(k), grid(v), key_mask, dropout=attn.attention_dropout if attn.training else 0.0,
+        attn, q.transpose(1, 2), *keys_values(k, v), key_mask, dropout=attn.attention_dropout if attn.training else 0.0,
         scaling=attn.scaling, is_causal=False)
     h = h[q_at][:, None] + attn.o_proj(out.flatten(-2))
     return h + block.mlp(block.post_attention_layernorm(h))
 
 
 def _bert(block: nn.Module, h: torch.Tensor, kwargs: dict, q_at: tuple, key_mask: torch.Tensor,
-          grid: Callable[[torch.Tensor], torch.Tensor], impl: str) -> torch.Tensor:
+          keys_values: KeysValues, impl: str) -> torch.Tensor:
     """`BertLayer.forward` with queries at `h[q_at]` only (post-norm: each sublayer's LayerNorm
     follows its residual sum, so both are per row)."""
     attn = block.attention.self
@@ -170,7 +181,7 @@ def _bert(block: nn.Module, h: torch.Tensor, kwargs: dict, q_at: tuple, key_mask
     hq = h[q_at][:, None]
     q = attn.query(hq).unflatten(-1, (-1, d)).transpose(1, 2)
     out, _ = ALL_ATTENTION_FUNCTIONS[impl](
-        attn, q, grid(k), grid(v), key_mask, dropout=attn.dropout.p if attn.training else 0.0, scaling=attn.scaling,
+        attn, q, *keys_values(k, v), key_mask, dropout=attn.dropout.p if attn.training else 0.0, scaling=attn.scaling,
         is_causal=False)
     a = block.attention.output(out.flatten(-2), hq)
     return block.output(block.intermediate(a), a)

@@ -16,10 +16,8 @@ attention implementation for the duration of one body call); the outputs equal t
 forward's at the real positions, up to float rounding.
 """
 
-import contextlib
 import contextvars
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from peftlab.speed import FP32_SDPA
-from peftlab.virtual import cache_arg
+from peftlab.virtual import by_index, cache_arg, shared_key_values
 
 _UNPADDED = "peftlab_unpadded"
 ATTENTIONS = ("sdpa", FP32_SDPA)  # the implementations that run on the grid (others: padded as given)
@@ -42,36 +40,37 @@ MIN_PADDING = 0.10
 @dataclass
 class _Grid:
     layout: "Layout"
-    key_mask: torch.Tensor | None  # (B, 1, 1, width) real keys, for bidirectional attention; None: causal
+    key_mask: torch.Tensor | None  # the keys each query sees (`Layout.key_mask`); None: causal, no shared keys
     inner: str  # the attention implementation that runs on the grid
+    shared: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer, keys and values every row sees first
 
 
 _grid: contextvars.ContextVar[_Grid] = contextvars.ContextVar("peftlab_unpad_grid")
-_off = contextvars.ContextVar("peftlab_unpad_off", default=False)
-
-
-@contextlib.contextmanager
-def padded() -> Iterator[None]:
-    """Inside, bodies run padded: for layers that route rows by their index in the batch
-    (`lora.per_row`: per-task LoRA adapters, mixed batches)."""
-    token = _off.set(True)
-    try:
-        yield
-    finally:
-        _off.reset(token)
 
 
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """(1, heads, N, head_dim) queries, keys, values -> (1, N, heads, head_dim), each row attending
-    within itself: the grid's attention (the implementation the model had) on the scattered rows."""
+    within itself (after the keys every row shares, if any): the grid's attention (the
+    implementation the model had) on the scattered rows."""
     g = _grid.get()
     lay = g.layout
+    key, value = lay.grid(key), lay.grid(value)
+    if g.shared is not None:
+        key, value = with_shared(g.shared[module.layer_idx], key, value)
     out, _ = ALL_ATTENTION_FUNCTIONS[g.inner](
-        module, lay.grid(query), lay.grid(key), lay.grid(value), g.key_mask, dropout=dropout, scaling=scaling,
+        module, lay.grid(query), key, value, g.key_mask, dropout=dropout, scaling=scaling,
         is_causal=is_causal if g.key_mask is None else False, **kwargs)
     return out.reshape(-1, *out.shape[2:]).index_select(0, lay.index)[None], None
+
+
+def with_shared(shared: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor, value: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, kv_heads, T, head_dim) keys and values with the (1, kv_heads, n, head_dim) ones every
+    row shares in front, as a KV cache would concatenate them (dtypes promoted as it does)."""
+    (k, v), B = shared, key.shape[0]
+    return torch.cat([k.expand(B, -1, -1, -1), key], 2), torch.cat([v.expand(B, -1, -1, -1), value], 2)
 
 
 @functools.cache
@@ -81,24 +80,31 @@ def _register() -> None:
 
 
 def last_hidden(model: nn.Module, kw: dict, mask: torch.Tensor) -> torch.Tensor:
-    """`model.arch.body(**kw).last_hidden_state` (B, T, H) for `kw` and the full `mask` (B, T) as
+    """`model.arch.body(**kw).last_hidden_state` (B, T, H) for `kw` and the full `mask` as
     `virtual.body_inputs` builds them, with no work on padding where the model allows it (no KV
-    cache given or wanted, e.g. a prefix's per-row keys; attention transformers' SDPA): a batch
-    with enough padding runs on its real tokens only, pad positions then coming back as zeros.
-    (Running the other batches right-aligned without a mask, which a causal model allows,
-    measured no faster than with one.)"""
+    cache wanted, none given but keys every row shares, e.g. a prefix; attention transformers'
+    SDPA): a batch with enough padding runs on its real tokens only, pad positions then coming
+    back as zeros. (Running the other batches right-aligned without a mask, which a causal model
+    allows, measured no faster than with one.)"""
     body = model.arch.body
+    mask = input_mask(kw, mask)
     real = int(mask.sum())
     pads = mask.numel() - real
-    if not pads or pads < MIN_PADDING * real or _off.get() or not plain_sdpa(body, kw):
+    if not pads or pads < MIN_PADDING * real or by_index() or not plain_sdpa(body, kw):
         return body(**kw).last_hidden_state
     return _unpadded(body, kw, Layout(mask), causal=causal(model))
 
 
+def input_mask(kw: dict, mask: torch.Tensor) -> torch.Tensor:
+    """The columns of a full mask (cached keys first) that are the body's own input tokens in `kw`."""
+    return mask[:, -kw.get("inputs_embeds", kw.get("input_ids")).shape[1]:]
+
+
 def plain_sdpa(body: nn.Module, kw: dict) -> bool:
-    """True when `body(**kw)` neither reads nor writes a KV cache and its attention is SDPA: the
+    """True when `body(**kw)` writes no KV cache, reads none but keys every row shares
+    (`virtual.shared_cache`: a prefix, a shared soft prompt), and its attention is SDPA: the
     call whose attention may be run elsewhere (on a grid, at some queries only)."""
-    return not kw.get("use_cache") and cache_arg(type(body)) not in kw \
+    return not kw.get("use_cache") and (cache_arg(type(body)) not in kw or shared_key_values(kw) is not None) \
         and body.config._attn_implementation in ATTENTIONS
 
 
@@ -134,9 +140,16 @@ class Layout:
         grid = t.new_zeros(B * T, h, d).index_copy(0, self.index, t[0].transpose(0, 1))
         return grid.view(B, T, h, d).transpose(1, 2)
 
-    def key_mask(self) -> torch.Tensor:
-        """(B, 1, 1, width): the grid's real keys."""
-        return (torch.arange(self.width, device=self.lengths.device) < self.lengths[:, None])[:, None, None, :]
+    def key_mask(self, shared: int = 0) -> torch.Tensor:
+        """(B, 1, 1, shared + width): the keys every row shares, then the grid's real ones."""
+        real = torch.arange(self.width, device=self.lengths.device) < self.lengths[:, None]
+        return torch.cat([real.new_ones(real.shape[0], shared), real], 1)[:, None, None, :]
+
+    def causal_mask(self, shared: int) -> torch.Tensor:
+        """(1, 1, width, shared + width): each grid position sees the shared keys and its row's
+        keys up to itself (a pad key only ever sits after every real query of its row)."""
+        return torch.ones(self.width, shared + self.width, dtype=torch.bool, device=self.lengths.device
+                          ).tril(shared)[None, None]
 
     def back(self, t: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, T, ...) in the input's layout, zeros at the pads."""
@@ -145,15 +158,22 @@ class Layout:
 
 def _unpadded(body: nn.Module, kw: dict, lay: Layout, causal: bool) -> torch.Tensor:
     """The body on the real tokens end to end, attention on the grid (`_attention`); `causal`:
-    each token sees those before it, else every real token of its row."""
-    inputs = {k: v for k, v in kw.items() if k not in ("attention_mask", "position_ids", "input_ids", "inputs_embeds")}
+    each token sees those before it, else every real token of its row; both after the keys
+    every row shares (a KV cache in `kw` from `virtual.shared_cache`)."""
+    cache = cache_arg(type(body))
+    inputs = {k: v for k, v in kw.items()
+              if k not in ("attention_mask", "position_ids", "input_ids", "inputs_embeds", cache)}
     name = "inputs_embeds" if "inputs_embeds" in kw else "input_ids"
-    tokens = lay.real(kw[name])
-    inputs[name], inputs["position_ids"] = tokens[None], lay.positions[None]
-    key_mask = None if causal else lay.key_mask()
+    shared = shared_key_values(kw)
+    n = shared[0][0].shape[2] if shared else 0
+    inputs[name] = lay.real(kw[name])[None]
+    # positions as the padded call has them: given (causal LMs, after any cached keys), else counted
+    # in each row after the cached keys (BERT numbers new tokens from the cache's length on)
+    inputs["position_ids"] = (lay.real(kw["position_ids"]) if "position_ids" in kw else lay.positions + n)[None]
+    key_mask = lay.key_mask(n) if not causal else lay.causal_mask(n) if shared else None
     cfg, inner = body.config, body.config._attn_implementation
     _register()
-    token = _grid.set(_Grid(lay, key_mask, inner))
+    token = _grid.set(_Grid(lay, key_mask, inner, shared))
     cfg._attn_implementation = _UNPADDED
     try:
         hidden = body(**inputs).last_hidden_state[0]

@@ -9,15 +9,43 @@ of the transformer body, with masks and positions right under left or right padd
     attention   prefix and prompt visible to every real token; pads masked
     positions   count real positions only, prefix and prompt included, so a padded row sees
                 the positions it would alone
+
+Both are the same in every row. A prefix goes to the body as a KV cache of keys and values
+every row shares (`shared_cache`); so does a soft prompt under causal attention, which never
+sees the row's text: the prompt runs through the body once per batch (`prompt_cache`) instead
+of once per row. Code that lays rows out its own way (`unpad`, `pooled`) reads those keys
+back once (`shared_key_values`).
 """
 
+import contextlib
+import contextvars
 import functools
 import inspect
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+
+_by_index = contextvars.ContextVar("peftlab_rows_by_index", default=False)
+
+
+@contextlib.contextmanager
+def rows_by_index() -> Iterator[None]:
+    """Inside, layers route rows by their index in the batch (`lora.per_row`: per-task LoRA
+    adapters, mixed batches): each row runs as it is, padded (`unpad`), with its own prompt."""
+    token = _by_index.set(True)
+    try:
+        yield
+    finally:
+        _by_index.reset(token)
+
+
+def by_index() -> bool:
+    """Whether rows are routed by their index in the batch here (`rows_by_index`)."""
+    return _by_index.get()
 
 
 def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -42,12 +70,15 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         B = input_ids.shape[0]
         n_prefix, n_prompt = virtual_tokens(model)
         mask = torch.cat([attention_mask.new_ones(B, n_prefix + n_prompt), attention_mask], 1)
-        pool_mask = torch.cat([attention_mask.new_zeros(B, n_prompt), attention_mask], 1)
-        n_new += n_prompt
-        if prompt is not None:
-            kw["inputs_embeds"] = torch.cat([prompt(B), arch.embeddings(input_ids)], 1)
-        if prefix is not None:
-            kw[cache] = prefix.cache(B, arch.body.config, kv_dtype)
+        if prompt is not None and shares_prompt(model, B):
+            kw[cache] = prompt_cache(model, B, kv_dtype)
+        else:
+            pool_mask = torch.cat([attention_mask.new_zeros(B, n_prompt), attention_mask], 1)
+            n_new += n_prompt
+            if prompt is not None:
+                kw["inputs_embeds"] = torch.cat([prompt(B), arch.embeddings(input_ids)], 1)
+            if prefix is not None:
+                kw[cache] = prefix.cache(B, arch.body.config, kv_dtype)
     if use_cache and kv_dtype is not None and cache not in kw:
         kw[cache] = prefill([], arch.body.config, kv_dtype)
     if "inputs_embeds" not in kw:
@@ -58,6 +89,39 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     if arch.causal:
         kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
     return kw, mask, pool_mask[:, -n_new:]
+
+
+def shares_prompt(model: nn.Module, batch_size: int) -> bool:
+    """Whether the soft prompt's keys and values may be computed once for the whole batch: under
+    causal attention the prompt, the same vectors at the same positions in every row, never sees a
+    row's text, so its hidden states are the same in every row. Not where they differ: per-task
+    prompts, a body that attends both ways, dropout drawing its own mask in each row, rows routed
+    by their index in the batch (`rows_by_index`: per-task LoRA adapters)."""
+    if batch_size < 2 or not getattr(model.prompt, "same_in_every_row", False) or not model.arch.causal \
+            or getattr(model, "bidirectional", False) or by_index():
+        return False
+    body = model.arch.body
+    return not body.training or not (getattr(body.config, "attention_dropout", 0.0) or any(
+        isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in model.modules()))
+
+
+def prompt_cache(model: nn.Module, batch_size: int, kv_dtype: torch.dtype | None = None) -> DynamicCache:
+    """The soft prompt (after the prefix, if any) run through the body once, its keys and values
+    in every layer shared by the batch's rows: a KV cache in front of the text, as a prefix's.
+
+    On SmolLM2-135M with 20 virtual tokens before 128 text tokens the rows' prompt positions were
+    12% of a training step's tokens, every row computing the same ones (docs/benchmarks.md)."""
+    arch, prefix = model.arch, getattr(model, "prefix", None)
+    config = arch.body.config
+    n_prefix, n = virtual_tokens(model)
+    embeds = model.prompt(1)
+    kw = {"inputs_embeds": embeds, "use_cache": True,
+          "attention_mask": torch.ones(1, n_prefix + n, dtype=torch.long, device=embeds.device),
+          cache_arg(type(arch.body)): prefix.cache(1, config) if prefix is not None else prefill([], config)}
+    if arch.causal:
+        kw["position_ids"] = torch.arange(n_prefix, n_prefix + n, device=embeds.device)[None]
+    once = output_cache(arch.body(**kw))
+    return shared_cache([(layer.keys, layer.values) for layer in once.layers], batch_size, config, kv_dtype)
 
 
 def virtual_tokens(model: nn.Module) -> tuple[int, int]:
@@ -74,7 +138,7 @@ def cache_arg(body_type: type) -> str:
 
 def output_cache(out) -> DynamicCache | None:
     """The KV cache a body's forward returned (`cache` from transformers 5.24, `past_key_values` before)."""
-    return out.get("cache", out.get("past_key_values"))
+    return out["cache"] if "cache" in out else out.get("past_key_values")  # the old name warns when read
 
 
 def full_attention_mask(mask: torch.Tensor, n_query: int, config, dtype: torch.dtype) -> torch.Tensor:
@@ -101,6 +165,26 @@ class _StoredAs(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return super().update(key_states.to(self.stored), value_states.to(self.stored), *args, **kwargs)
+
+
+def shared_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int, config,
+                 dtype: torch.dtype | None = None) -> DynamicCache:
+    """A cache whose rows all hold the same keys and values, (1, kv_heads, n, head_dim) per layer
+    in `kv` (a prefix, a shared soft prompt). `shared_key_values` hands them back once, for code
+    that lays the rows out its own way (`unpad`, `pooled`)."""
+    cache = prefill([(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in kv],
+                    config, dtype)
+    cache.peftlab_shared = kv
+    return cache
+
+
+def shared_key_values(kw: dict) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer, the keys and values every row of the cache in `kw` (body arguments) holds,
+    (1, kv_heads, n, head_dim), as `shared_cache` made it; None when there is no cache, or when
+    it holds rows of their own (a body call added its tokens: decoding)."""
+    cache = kw.get("cache", kw.get("past_key_values"))
+    kv = getattr(cache, "peftlab_shared", None)
+    return kv if kv and cache.get_seq_length() == kv[0][0].shape[2] else None
 
 
 def prefill(cache_kv: list[tuple[torch.Tensor, torch.Tensor]], config, dtype: torch.dtype | None = None

@@ -51,7 +51,7 @@ def bidirectional(method: str):
     return b, m
 
 
-METHODS = ["full", "lora", "prompt", "adapter", "adapter:houlsby", "ia3"]
+METHODS = ["full", "lora", "prompt", "prefix", "prompt+prefix", "adapter", "adapter:houlsby", "ia3"]
 
 
 @pytest.mark.parametrize("name,method", [*(("tiny-llama", m) for m in [*METHODS, "bidirectional"]),
@@ -95,13 +95,13 @@ def test_right_padding_and_per_row_adapters_take_it(monkeypatch):
     assert not torch.allclose(mixed[1::2], every[1::2], atol=1e-3)  # rows 1 and 3 ran without LoRA
 
 
-@pytest.mark.parametrize("case", ["gpt2", "prefix", "attn-parallel", "bert-attn-parallel", "mean", "causal-first",
+@pytest.mark.parametrize("case", ["gpt2", "attn-parallel", "bert-attn-parallel", "mean", "causal-first",
                                   "whole"])
 def test_the_whole_block_runs_where_the_shortcut_does_not_hold(case, monkeypatch):
-    """Other architectures, a prefix's KV cache, a parallel adapter reading attention's input (a
+    """Other architectures, a parallel adapter reading attention's input (a
     hook on a module not called), mean pooling, the first token of a causal LM (it sees itself
     only) and callers reading every position (feature caches) run the block whole."""
-    name, method, kw = {"gpt2": ("tiny-gpt2", "lora", {}), "prefix": ("tiny-llama", "prefix", {}),
+    name, method, kw = {"gpt2": ("tiny-gpt2", "lora", {}),
                         "attn-parallel": ("tiny-llama", "adapter", {"adapter_at": "attn"}),
                         "bert-attn-parallel": ("tiny-bert", "adapter", {"adapter_at": "attn"}),
                         }.get(case, ("tiny-llama", "lora", {}))

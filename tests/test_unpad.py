@@ -10,6 +10,7 @@ from peftlab.generation import collate_pairs, encode_pairs, lm_loss
 from peftlab.heads import Classifier, LanguageModel
 from peftlab.models import load_backbone
 from peftlab.speed import fp32_attention
+from peftlab.virtual import rows_by_index
 from tests.conftest import adapted
 
 DEFAULT_FLOOR = unpad.MIN_PADDING
@@ -53,12 +54,14 @@ def assert_same(a, b, tol: float) -> None:
 
 
 @pytest.mark.parametrize("name,method", [("tiny-llama", None), ("tiny-llama", "lora"), ("tiny-llama", "prompt"),
+                                         ("tiny-llama", "prefix"), ("tiny-llama", "prompt+prefix"),
                                          ("tiny-llama", "adapter"), ("tiny-gpt2", "lora"), ("tiny-gpt2", "full"),
-                                         ("tiny-bert", "lora")])
+                                         ("tiny-gpt2", "prefix"), ("tiny-bert", "lora"), ("tiny-bert", "prefix")])
 def test_unpadded_equals_padded(name, method, monkeypatch):
     """Outputs and gradients as padded (fp32 to 1e-5; under bf16 autocast with fp32 attention, as
     training runs, to bf16 rounding), for left-padded causal LMs, a right-padded encoder, soft
-    prompts and adapters; the grid ran once per layer and the model's attention setting is back."""
+    prompts, prefixes (keys and values every row sees before its own) and adapters; the grid ran
+    once per layer and the model's attention setting is back."""
     b, m, _ = adapted(name, method)
     if method == "lora":  # B starts at zero: give the adapters something to pass on
         for n, p in m.named_parameters():
@@ -102,13 +105,13 @@ def test_generation_training_loss_is_the_same_unpadded(monkeypatch):
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
 
 
-def test_prefixes_full_rows_and_little_padding_stay_padded(monkeypatch):
-    """A prefix's keys and values sit in a cache per row: those models run padded; so do batches
+def test_routed_rows_full_rows_and_little_padding_stay_padded(monkeypatch):
+    """Rows routed by their index in the batch (per-task LoRA adapters) run padded; so do batches
     with less padding than MIN_PADDING of their real tokens (the scatters would cost more)."""
-    b, m, _ = adapted("tiny-llama", "prefix")
-    ids, mask = padded_batch(b.tokenizer)
-    assert outputs_and_grads(m, ids, mask, monkeypatch, unpadded=True)[2] == 0
     b, m, _ = adapted("tiny-llama", "lora")
+    ids, mask = padded_batch(b.tokenizer)
+    with rows_by_index():
+        assert outputs_and_grads(m, ids, mask, monkeypatch, unpadded=True)[2] == 0
     full = torch.ones_like(ids)
     assert outputs_and_grads(m, ids, full, monkeypatch, unpadded=True)[2] == 0
     one_pad = full.clone()

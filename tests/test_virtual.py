@@ -3,9 +3,15 @@ import copy
 import pytest
 import torch
 
+from peftlab import unpad, virtual
 from peftlab.errors import PeftlabError
+from peftlab.generation import collate_pairs, encode_pairs, lm_loss
+from peftlab.heads import Classifier, LanguageModel
 from peftlab.methods import MethodArgs, parse_method, trainable_names
+from peftlab.models import load_backbone
+from peftlab.speed import autocast, fp32_attention
 from tests.conftest import adapted, assert_rows_pool_as_alone, fit
+from tests.test_unpad import padded_batch
 
 setup = adapted
 
@@ -99,3 +105,104 @@ def test_prefix_starts_from_the_models_own_keys_and_values(name):
     for i, (k, v) in enumerate(m.prefix.key_values(1)):
         torch.testing.assert_close(k, cache.layers[i].keys)
         torch.testing.assert_close(v, cache.layers[i].values)
+
+
+def each_row_its_own_prompt(monkeypatch) -> None:
+    """Every row runs the soft prompt itself, in front of its text (as before the shared prompt)."""
+    monkeypatch.setattr(virtual, "shares_prompt", lambda *a: False)
+
+
+@pytest.mark.parametrize("name,spec", [("tiny-llama", "prompt"), ("tiny-gpt2", "prompt"),
+                                       ("tiny-llama", "prompt+prefix"), ("tiny-llama", "prompt+lora")])
+@pytest.mark.parametrize("floor", [0.0, float("inf")], ids=["unpadded", "padded"])
+def test_a_shared_prompt_equals_each_rows_own(name, spec, floor, monkeypatch):
+    """The prompt's keys and values, computed once for the batch, give each row's outputs and the
+    trained gradients as running the prompt in every row (fp32 to 1e-5; bf16 autocast with fp32
+    attention, as training runs, to its rounding); the pooled last block and no work on padding
+    still apply."""
+    b, m, _ = setup(name, spec, virtual_tokens=4)
+    m.train()  # the tiny models draw no dropout: training shares the prompt too
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    ids, mask = padded_batch(b.tokenizer)
+    monkeypatch.setattr(unpad, "MIN_PADDING", floor)
+
+    def run(bf16: bool):
+        calls = []
+        real = virtual.prompt_cache
+        monkeypatch.setattr(virtual, "prompt_cache", lambda *a: calls.append(1) or real(*a))
+        m.zero_grad()
+        with autocast("bf16" if bf16 else "fp32"), fp32_attention([m], "bf16" if bf16 else "fp32"):
+            out = m(ids, mask)
+        out.float().square().sum().backward()
+        monkeypatch.setattr(virtual, "prompt_cache", real)
+        return out.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None], len(calls)
+
+    for bf16, tol in ((False, 1e-5), (True, 2e-2)):
+        with monkeypatch.context() as mp:
+            each_row_its_own_prompt(mp)
+            ref, ref_grads, ref_calls = run(bf16)
+        out, grads, calls = run(bf16)
+        assert (calls, ref_calls) == (1, 0)
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+        assert len(grads) == len(ref_grads) > 0
+        for g, r in zip(grads, ref_grads):
+            assert (g - r).norm() <= tol * max(r.norm(), 1e-3 * max(x.norm() for x in ref_grads))
+
+
+def test_a_shared_prompt_keeps_the_language_models_loss_and_label_words(monkeypatch):
+    """Generation's training loss and label-word scores (multi-token words read several positions,
+    one-token words the last): the same with the prompt shared as with each row's own."""
+    b = load_backbone("tiny-llama")
+    torch.manual_seed(0)
+    lm = LanguageModel(b.arch, b.tokenizer)
+    parse_method("prompt", MethodArgs(virtual_tokens=4)).apply(lm)
+    pairs = encode_pairs(["the cat sat on the mat and then some more", "hi"], ["mat", "there you are"],
+                         b.tokenizer, "Story: {text}\nAnswer:", 64)
+    batch = collate_pairs(pairs, [0, 1], b.tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    scorers = []
+    for words in (("great day", "bad"), ("good", "bad")):
+        torch.manual_seed(0)
+        scorers.append(Classifier(b.arch, 2, tokenizer=b.tokenizer, label_words=words).eval())
+        parse_method("prompt", MethodArgs(virtual_tokens=4)).apply(scorers[-1])
+    ids, mask = padded_batch(b.tokenizer)
+    got = [lm_loss(lm, batch), *(s(ids, mask) for s in scorers)]
+    each_row_its_own_prompt(monkeypatch)
+    for a, want in zip(got, [lm_loss(lm, batch), *(s(ids, mask) for s in scorers)], strict=True):
+        torch.testing.assert_close(a, want, atol=1e-5, rtol=1e-5)
+
+
+def test_one_token_label_words_score_after_a_prefix():
+    """The last position of the body's input, not of the mask over the prefix's keys too (an
+    IndexError before): a prefix started from the model's own keys and values of some tokens
+    scores as a soft prompt of those tokens' embeddings does (both draw the same tokens)."""
+    b = load_backbone("tiny-llama")
+    ids, mask = padded_batch(b.tokenizer)
+    scores = []
+    for spec in ("prefix", "prompt"):
+        torch.manual_seed(0)
+        m = Classifier(b.arch, 2, tokenizer=b.tokenizer, label_words=("good", "bad")).eval()
+        parse_method(spec, MethodArgs(virtual_tokens=4, prompt_init="vocab", prefix_init="tokens")).apply(m)
+        scores.append(m(ids, mask).detach())
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-5)
+
+
+def test_the_prompt_is_shared_only_where_rows_would_compute_the_same():
+    """Not for one row, a body that attends both ways (BERT, --bidirectional), dropout drawn in
+    training, or rows routed to their own adapters."""
+    _, m, _ = setup("tiny-llama", "prompt")
+    assert virtual.shares_prompt(m.train(), 2) and not virtual.shares_prompt(m, 1)
+    with virtual.rows_by_index():
+        assert not virtual.shares_prompt(m, 2)
+    m.arch.body.config.attention_dropout = 0.1
+    assert not virtual.shares_prompt(m, 2) and virtual.shares_prompt(m.eval(), 2)
+    assert not virtual.shares_prompt(setup("tiny-bert", "prompt")[1], 2)
+    _, m, _ = setup("tiny-gpt2", "prompt")
+    m.arch.body.h[0].mlp.dropout.p = 0.1
+    assert not virtual.shares_prompt(m.train(), 2) and virtual.shares_prompt(m.eval(), 2)
+    b = load_backbone("tiny-llama")
+    m = Classifier(b.arch, 2, tokenizer=b.tokenizer, bidirectional=True)
+    parse_method("prompt", MethodArgs()).apply(m)
+    assert not virtual.shares_prompt(m, 2)

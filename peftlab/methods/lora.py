@@ -25,7 +25,7 @@ from peftlab.errors import PeftlabError
 from peftlab.parallel import sharded
 from peftlab.runconfig import DEFAULT_TARGETS
 from peftlab.speed import bf16_weights, casts_once
-from peftlab.unpad import padded
+from peftlab.virtual import rows_by_index
 
 
 class LoraLayer(nn.Module):
@@ -296,7 +296,7 @@ def per_row(model: nn.Module, adapters: list[str | None]):
     for layer in layers:
         layer.row_adapters = adapters
     try:
-        with padded():
+        with rows_by_index():
             yield
     finally:
         for layer in layers:

@@ -15,7 +15,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.prompt import check_room
-from peftlab.virtual import output_cache, prefill
+from peftlab.virtual import output_cache, shared_cache
 
 
 class Prefix(nn.Module):
@@ -43,7 +43,7 @@ class Prefix(nn.Module):
         return [(t[2 * i], t[2 * i + 1]) for i in range(self.layers)]
 
     def cache(self, batch_size: int, config, dtype: torch.dtype | None = None):
-        return prefill(self.key_values(batch_size), config, dtype)
+        return shared_cache(self.key_values(1), batch_size, config, dtype)
 
     @torch.no_grad()
     def fold(self) -> None:
