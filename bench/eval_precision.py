@@ -1,7 +1,7 @@
 """Evaluation-side defaults on SmolLM2-135M and real data: padded tokens of evaluation batches,
 feature caches and in-context scoring in fp32 against bf16.
 
-    python -m bench.eval_precision [--cases padding,cache,icl] [--tasks sms_spam,sst2]
+    python -m bench.eval_precision [--cases padding,cache,icl,shared] [--tasks sms_spam,sst2]
                                    [--runs sms_spam:last-block+norm:320:200:2,...] [--shots 0,4,16]
 
 padding  per split (--train-limit training rows, --eval-limit of the others): real tokens, and the
@@ -10,15 +10,21 @@ cache    per TASK:METHOD:TRAIN:EVAL:EPOCHS in --runs, one run in fp32 and one in
          cold feature cache: wall seconds of the whole run and its test metrics.
 icl      per task, k-shot label-word scoring (one draw per k in --shots, --icl-limit test rows)
          in fp32 and bf16: accuracy, macro-F1, seconds.
-Rows of docs/benchmarks.md "Evaluation, feature caches and in-context scoring".
+shared   per task, the same k-shot scoring under bf16 with the support examples every prompt
+         starts with run once per batch (`virtual.common_start`, the default) and in every row,
+         alternating for --rounds rounds: median seconds and accuracy of each.
+Rows of docs/benchmarks.md "Evaluation, feature caches and in-context scoring" and "Soft prompts
+and common starts computed once per batch".
 """
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import peftlab.features
+from peftlab import virtual
 from peftlab.batching import batch_indices, eval_batches
 from peftlab.data import load_task
 from peftlab.icl import icl_classify
@@ -80,7 +86,28 @@ def icl(args) -> None:
                   f"{a['seconds'] / b['seconds']:.1f}x |", flush=True)
 
 
-CASES = {"padding": padding, "cache": cache, "icl": icl}
+def shared(args) -> None:
+    backbone = load_backbone(args.model)
+    common_start = virtual.common_start
+    print("| task | k | shared s (accuracy) | every row s (accuracy) | speed-up |\n|---|---|---|---|---|")
+    for task in args.tasks:
+        loaded = load_task(task)
+        seconds: dict[str, list] = {"shared": [], "rows": []}
+        for _ in range(args.rounds):
+            for side in seconds:
+                virtual.common_start = common_start if side == "shared" else lambda *a, **k: None
+                seconds[side].append(icl_classify(backbone, loaded, args.shots, repeats=1, limit=args.icl_limit,
+                                                  progress=False, precision="bf16"))
+        virtual.common_start = common_start
+        for i, k in enumerate(args.shots):
+            med = {s: statistics.median(r[i]["seconds"] for r in runs) for s, runs in seconds.items()}
+            acc = {s: 100 * runs[0][i]["metrics"]["accuracy"]["mean"] for s, runs in seconds.items()}
+            print(f"| {task} | {k} ({seconds['shared'][0][i]['prompt_tokens']:.0f} tokens a prompt) | "
+                  f"{med['shared']:.1f} ({acc['shared']:.1f}) | {med['rows']:.1f} ({acc['rows']:.1f}) | "
+                  f"{med['rows'] / med['shared']:.2f}x |", flush=True)
+
+
+CASES = {"padding": padding, "cache": cache, "icl": icl, "shared": shared}
 
 
 def main() -> None:
@@ -94,6 +121,7 @@ def main() -> None:
                     help="cache case: TASK:METHOD:TRAIN:EVAL:EPOCHS, comma-separated")
     ap.add_argument("--shots", default="0,4,16")
     ap.add_argument("--icl-limit", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=2, help="shared case: alternating rounds")
     args = ap.parse_args()
     args.tasks, args.runs = args.tasks.split(","), args.runs.split(",")
     args.shots = [int(k) for k in args.shots.split(",")]

@@ -16,7 +16,7 @@ with a no-op:
   loops; metrics differ by rounding.
 - last_block (`pooled.hidden_at`): the last block then runs at every position, not only at
   the pooled one, as in HF's loops; metrics differ by rounding.
-- shared_prompt (`virtual.shares_prompt`; prompt tuning, the method it then defaults to): every
+- shared_prompt (`virtual.shares_rows`; prompt tuning, the method it then defaults to): every
   row then runs the soft prompt itself, as in HF PEFT; metrics differ by rounding.
 The two alternate for --rounds rounds in one process; prints each epoch's seconds and test
 macro-F1 and the median ratio.
@@ -45,8 +45,8 @@ def _switch(name: str) -> Callable[[bool], None]:
     if name == "last_block":
         return lambda on: setattr(pooled, "ENABLED", on)
     if name == "shared_prompt":
-        shares = virtual.shares_prompt
-        return lambda on: setattr(virtual, "shares_prompt", shares if on else lambda *a: False)
+        shares = virtual.shares_rows
+        return lambda on: setattr(virtual, "shares_rows", shares if on else lambda *a: False)
     real = getattr(peftlab.train, name)
     return lambda on: setattr(peftlab.train, name, real if on else lambda *a, **k: contextlib.nullcontext(0))
 

@@ -64,14 +64,14 @@ class LabelWords(nn.Module):
         B, (L, W) = input_ids.shape[0], self.word_ids.shape
         lm_head = model.arch.lm_head
         if W == 1:  # one forward: the next-token distribution after the input
-            kw, mask, pool_mask = body_inputs(model, input_ids, attention_mask)
+            kw, mask, pool_mask = body_inputs(model, input_ids, attention_mask, share_start=1)
             last = torch.full(mask.shape[:1], pool_mask.shape[1] - 1, device=mask.device)  # of the body's input
             h = hidden_at(model, kw, mask, last)
             return self._log_probs(lm_head, h)[:, self.word_ids[:, 0]]
         words, wmask = self.word_ids.repeat(B, 1), self.word_mask.repeat(B, 1)  # (B*L, W)
         ids = torch.cat([input_ids.repeat_interleave(L, 0), words], 1)
         mask = torch.cat([attention_mask.repeat_interleave(L, 0), wmask.to(attention_mask.dtype)], 1)
-        kw, _, _ = body_inputs(model, ids, mask)
+        kw, _, _ = body_inputs(model, ids, mask, share_start=W + 1)
         h = model.body(**kw).last_hidden_state[:, -W - 1:-1]  # the positions that predict each word token
         logp = self._log_probs(lm_head, h).gather(-1, words.unsqueeze(-1)).squeeze(-1)
         return (logp * wmask).sum(-1).view(B, L)

@@ -12,8 +12,10 @@ of the transformer body, with masks and positions right under left or right padd
 
 Both are the same in every row. A prefix goes to the body as a KV cache of keys and values
 every row shares (`shared_cache`); so does a soft prompt under causal attention, which never
-sees the row's text: the prompt runs through the body once per batch (`prompt_cache`) instead
-of once per row. Code that lays rows out its own way (`unpad`, `pooled`) reads those keys
+sees the row's text: the prompt runs through the body once per batch instead of once per row
+(`start_cache`), and so do tokens that start every row alike, for callers that
+read only each row's end (`common_start`: k-shot examples before label words, an instruction
+before decoding). Code that lays rows out its own way (`unpad`, `pooled`) reads those keys
 back once (`shared_key_values`).
 """
 
@@ -49,7 +51,7 @@ def by_index() -> bool:
 
 
 def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                past=None, use_cache: bool = False, kv_dtype: torch.dtype | None = None
+                past=None, use_cache: bool = False, kv_dtype: torch.dtype | None = None, share_start: int = 0
                 ) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Arguments for `model.arch.body`, the full attention mask, and the mask to pool over.
 
@@ -59,6 +61,11 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     `attention_mask` is the running mask over everything cached plus the new tokens.
     The returned full mask is what the next decoding step extends. `kv_dtype` (with `use_cache`,
     no `past`): the new cache keeps keys and values in that dtype (`prefill`).
+
+    `share_start` k >= 1, for callers that read the body's output at each row's last k positions
+    only (label words, decoding): the tokens every row starts with alike (k-shot examples, an
+    instruction) run once for the batch, in the shared KV cache (`common_start`), and the body's
+    input and output, `input_ids` and the pool mask cover the rest of each row.
     """
     arch, prompt, prefix = model.arch, getattr(model, "prompt", None), getattr(model, "prefix", None)
     cache = cache_arg(type(arch.body))
@@ -66,13 +73,19 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     mask, pool_mask, n_new = attention_mask, attention_mask, input_ids.shape[1]
     if past is not None:
         kw[cache] = past
-    elif prompt is not None or prefix is not None:
+    elif prompt is not None or prefix is not None or share_start:
         B = input_ids.shape[0]
+        shared = shares_rows(model, B)
+        lead = common_start(input_ids, attention_mask, share_start) if share_start and shared else None
+        if lead is not None:
+            lead, input_ids, attention_mask = lead
+            pool_mask, n_new = attention_mask, input_ids.shape[1]
         n_prefix, n_prompt = virtual_tokens(model)
-        mask = torch.cat([attention_mask.new_ones(B, n_prefix + n_prompt), attention_mask], 1)
-        if prompt is not None and shares_prompt(model, B):
-            kw[cache] = prompt_cache(model, B, kv_dtype)
-        else:
+        n_lead = 0 if lead is None else lead.shape[1]
+        mask = torch.cat([attention_mask.new_ones(B, n_prefix + n_prompt + n_lead), attention_mask], 1)
+        if shared and (prompt is not None or lead is not None):
+            kw[cache] = start_cache(model, B, kv_dtype, lead)
+        elif prompt is not None or prefix is not None:
             pool_mask = torch.cat([attention_mask.new_zeros(B, n_prompt), attention_mask], 1)
             n_new += n_prompt
             if prompt is not None:
@@ -91,13 +104,14 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return kw, mask, pool_mask[:, -n_new:]
 
 
-def shares_prompt(model: nn.Module, batch_size: int) -> bool:
-    """Whether the soft prompt's keys and values may be computed once for the whole batch: under
-    causal attention the prompt, the same vectors at the same positions in every row, never sees a
-    row's text, so its hidden states are the same in every row. Not where they differ: per-task
-    prompts, a body that attends both ways, dropout drawing its own mask in each row, rows routed
-    by their index in the batch (`rows_by_index`: per-task LoRA adapters)."""
-    if batch_size < 2 or not getattr(model.prompt, "same_in_every_row", False) or not model.arch.causal \
+def shares_rows(model: nn.Module, batch_size: int) -> bool:
+    """Whether what every row starts with alike (a soft prompt, common tokens) may be computed
+    once for the whole batch: under causal attention the same vectors at the same positions never
+    see the rest of their row, so their hidden states are the same in every row. Not where they
+    differ: per-task prompts, a body that attends both ways, dropout drawing its own mask in each
+    row, rows routed by their index in the batch (`rows_by_index`: per-task LoRA adapters)."""
+    prompt = getattr(model, "prompt", None)
+    if batch_size < 2 or not getattr(prompt, "same_in_every_row", prompt is None) or not model.arch.causal \
             or getattr(model, "bidirectional", False) or by_index():
         return False
     body = model.arch.body
@@ -105,21 +119,55 @@ def shares_prompt(model: nn.Module, batch_size: int) -> bool:
         isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in model.modules()))
 
 
-def prompt_cache(model: nn.Module, batch_size: int, kv_dtype: torch.dtype | None = None) -> DynamicCache:
-    """The soft prompt (after the prefix, if any) run through the body once, its keys and values
-    in every layer shared by the batch's rows: a KV cache in front of the text, as a prefix's.
+# Common starting tokens run once when that saves at least this share of a batch's real tokens
+# (below it, the extra call of the body on one row costs about what it saves).
+MIN_SHARED = 0.25
+
+
+def common_start(input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The tokens every row's text starts with alike, (1, p), and the rows without them (B, T - p)
+    ids and mask, each row's other tokens shifted p places towards its start; None when sharing
+    them saves less than MIN_SHARED of the real tokens. Each row keeps its last `keep` tokens
+    (the positions its caller reads). Padding may sit on either side, or both, of each row's
+    tokens; positions count real tokens only (`body_inputs`), so the rest keep theirs."""
+    lengths = attention_mask.sum(1)
+    first = attention_mask.argmax(1)  # where each row's tokens start
+    width = int(lengths.min()) - keep
+    if width < 1 or not bool((attention_mask.cumsum(1).gather(1, (first + lengths - 1)[:, None]).squeeze(1)
+                              == lengths).all()):  # some row's tokens are not in one piece
+        return None
+    head = input_ids.gather(1, first[:, None] + torch.arange(width, device=input_ids.device))
+    p = int((head == head[:1]).all(0).long().cumprod(0).sum())
+    if p == 0 or p * (len(input_ids) - 1) < MIN_SHARED * int(lengths.sum()):
+        return None
+    j = torch.arange(input_ids.shape[1] - p, device=input_ids.device)[None]
+    rest = torch.where(j < first[:, None], j, j + p)  # pads before a row's tokens stay; its tokens move up p
+    return head[:1, :p], input_ids.gather(1, rest), attention_mask.gather(1, rest)
+
+
+def start_cache(model: nn.Module, batch_size: int, kv_dtype: torch.dtype | None = None,
+                 tokens: torch.Tensor | None = None) -> DynamicCache:
+    """The soft prompt (after the prefix, if any), then `tokens` (1, p) every row starts with, run
+    through the body once, their keys and values in every layer shared by the batch's rows: a KV
+    cache in front of the rest, as a prefix's.
 
     On SmolLM2-135M with 20 virtual tokens before 128 text tokens the rows' prompt positions were
     12% of a training step's tokens, every row computing the same ones (docs/benchmarks.md)."""
-    arch, prefix = model.arch, getattr(model, "prefix", None)
+    arch, prefix, prompt = model.arch, getattr(model, "prefix", None), getattr(model, "prompt", None)
     config = arch.body.config
     n_prefix, n = virtual_tokens(model)
-    embeds = model.prompt(1)
-    kw = {"inputs_embeds": embeds, "use_cache": True,
-          "attention_mask": torch.ones(1, n_prefix + n, dtype=torch.long, device=embeds.device),
-          cache_arg(type(arch.body)): prefix.cache(1, config) if prefix is not None else prefill([], config)}
+    kw: dict = {"use_cache": True}
+    if prompt is None:
+        kw["input_ids"] = tokens
+    else:
+        kw["inputs_embeds"] = torch.cat([prompt(1), *([] if tokens is None else [arch.embeddings(tokens)])], 1)
+    n += 0 if tokens is None else tokens.shape[1]
+    device = arch.embeddings.weight.device
+    kw["attention_mask"] = torch.ones(1, n_prefix + n, dtype=torch.long, device=device)
+    kw[cache_arg(type(arch.body))] = prefix.cache(1, config) if prefix is not None else prefill([], config)
     if arch.causal:
-        kw["position_ids"] = torch.arange(n_prefix, n_prefix + n, device=embeds.device)[None]
+        kw["position_ids"] = torch.arange(n_prefix, n_prefix + n, device=device)[None]
     once = output_cache(arch.body(**kw))
     return shared_cache([(layer.keys, layer.values) for layer in once.layers], batch_size, config, kv_dtype)
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from peftlab import unpad, virtual
+from peftlab.decode import generate
 from peftlab.errors import PeftlabError
 from peftlab.generation import collate_pairs, encode_pairs, lm_loss
 from peftlab.heads import Classifier, LanguageModel
@@ -109,7 +110,7 @@ def test_prefix_starts_from_the_models_own_keys_and_values(name):
 
 def each_row_its_own_prompt(monkeypatch) -> None:
     """Every row runs the soft prompt itself, in front of its text (as before the shared prompt)."""
-    monkeypatch.setattr(virtual, "shares_prompt", lambda *a: False)
+    monkeypatch.setattr(virtual, "shares_rows", lambda *a: False)
 
 
 @pytest.mark.parametrize("name,spec", [("tiny-llama", "prompt"), ("tiny-gpt2", "prompt"),
@@ -130,13 +131,13 @@ def test_a_shared_prompt_equals_each_rows_own(name, spec, floor, monkeypatch):
 
     def run(bf16: bool):
         calls = []
-        real = virtual.prompt_cache
-        monkeypatch.setattr(virtual, "prompt_cache", lambda *a: calls.append(1) or real(*a))
+        real = virtual.start_cache
+        monkeypatch.setattr(virtual, "start_cache", lambda *a: calls.append(1) or real(*a))
         m.zero_grad()
         with autocast("bf16" if bf16 else "fp32"), fp32_attention([m], "bf16" if bf16 else "fp32"):
             out = m(ids, mask)
         out.float().square().sum().backward()
-        monkeypatch.setattr(virtual, "prompt_cache", real)
+        monkeypatch.setattr(virtual, "start_cache", real)
         return out.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None], len(calls)
 
     for bf16, tol in ((False, 1e-5), (True, 2e-2)):
@@ -193,16 +194,68 @@ def test_the_prompt_is_shared_only_where_rows_would_compute_the_same():
     """Not for one row, a body that attends both ways (BERT, --bidirectional), dropout drawn in
     training, or rows routed to their own adapters."""
     _, m, _ = setup("tiny-llama", "prompt")
-    assert virtual.shares_prompt(m.train(), 2) and not virtual.shares_prompt(m, 1)
+    assert virtual.shares_rows(m.train(), 2) and not virtual.shares_rows(m, 1)
     with virtual.rows_by_index():
-        assert not virtual.shares_prompt(m, 2)
+        assert not virtual.shares_rows(m, 2)
     m.arch.body.config.attention_dropout = 0.1
-    assert not virtual.shares_prompt(m, 2) and virtual.shares_prompt(m.eval(), 2)
-    assert not virtual.shares_prompt(setup("tiny-bert", "prompt")[1], 2)
+    assert not virtual.shares_rows(m, 2) and virtual.shares_rows(m.eval(), 2)
+    assert not virtual.shares_rows(setup("tiny-bert", "prompt")[1], 2)
     _, m, _ = setup("tiny-gpt2", "prompt")
     m.arch.body.h[0].mlp.dropout.p = 0.1
-    assert not virtual.shares_prompt(m.train(), 2) and virtual.shares_prompt(m.eval(), 2)
+    assert not virtual.shares_rows(m.train(), 2) and virtual.shares_rows(m.eval(), 2)
     b = load_backbone("tiny-llama")
     m = Classifier(b.arch, 2, tokenizer=b.tokenizer, bidirectional=True)
     parse_method("prompt", MethodArgs()).apply(m)
-    assert not virtual.shares_prompt(m, 2)
+    assert not virtual.shares_rows(m, 2)
+
+
+def test_common_start_finds_what_every_row_starts_with():
+    """Left, right and two-sided padding; each row keeps `keep` tokens of its own; nothing shared
+    below MIN_SHARED of the real tokens or when a row's tokens are not in one piece."""
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [5, 6, 7, 9, 9, 1], [0, 5, 6, 7, 2, 3]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    lead, rest, rest_mask = virtual.common_start(ids, mask)
+    assert lead.tolist() == [[5, 6, 7]]
+    assert rest.tolist() == [[0, 0, 8], [9, 9, 1], [0, 2, 3]]
+    assert rest_mask.tolist() == [[0, 0, 1], [1, 1, 1], [0, 1, 1]]
+    assert virtual.common_start(ids, mask, keep=2)[0].tolist() == [[5, 6]]
+    right = virtual.common_start(torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 1, 2]]), torch.tensor([[1, 1, 1, 1, 0], [1] * 5]))
+    assert [t.tolist() for t in right] == [[[5, 6, 7]], [[8, 0], [1, 2]], [[1, 0], [1, 1]]]
+    both = virtual.common_start(torch.tensor([[0, 5, 6, 7, 4, 0], [5, 6, 7, 1, 2, 3]]),
+                                torch.tensor([[0, 1, 1, 1, 1, 0], [1] * 6]))
+    assert [t.tolist() for t in both] == [[[5, 6, 7]], [[0, 4, 0], [1, 2, 3]], [[0, 1, 0], [1, 1, 1]]]
+    assert virtual.common_start(torch.tensor([[5, 6, 1, 2, 3, 4], [5, 9, 1, 2, 3, 4]]), torch.ones(2, 6, dtype=torch.long)) is None
+    assert virtual.common_start(ids, torch.tensor([[1, 0, 1, 1, 1, 1], [1] * 6, [0, 1, 1, 1, 1, 1]])) is None
+
+
+def test_a_shared_start_leaves_label_words_and_decoding_as_they_were(monkeypatch):
+    """k-shot prompts start alike: run once for the batch, the label words' scores (one-token and
+    multi-token, in fp32 and bf16) and greedy decoding (cached and not) are those of every row
+    running its whole prompt."""
+    b = load_backbone("tiny-llama")
+    support = "Review: a fine film\nSentiment: good\n\nReview: dull and long\nSentiment: bad\n\nReview: "
+    texts = [support + q + "\nSentiment:" for q in ("great fun", "a mess", "not my cup of tea at all", "ok")]
+    batch = b.tokenizer(texts, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert virtual.common_start(ids, mask) is not None
+    calls = []
+    real = virtual.start_cache
+    monkeypatch.setattr(virtual, "start_cache", lambda *a: calls.append(1) or real(*a))
+    models = []
+    for words in (("good", "bad"), ("good film", "bad")):
+        torch.manual_seed(0)
+        models.append(Classifier(b.arch, 2, tokenizer=b.tokenizer, label_words=words).eval())
+
+    def run():
+        with torch.no_grad():
+            scores = [m(ids, mask) for m in models]
+            with autocast("bf16"):
+                scores += [m(ids, mask) for m in models]
+        return scores, [generate(models[0], ids, mask, 6, use_cache=c) for c in (True, False)]
+    shared, decoded = run()
+    assert len(calls) == 4 + 1 + 6  # each scoring call, the cached prefill, each of 6 uncached steps
+    monkeypatch.setattr(virtual, "common_start", lambda *a, **k: None)
+    alone, decoded_alone = run()
+    for a, want, tol in zip(shared, alone, (1e-5, 1e-5, 2e-2, 2e-2), strict=True):
+        torch.testing.assert_close(a, want, atol=tol, rtol=tol)
+    assert all(torch.equal(d, decoded_alone[0]) for d in [*decoded, decoded_alone[1]])

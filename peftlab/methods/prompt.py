@@ -26,7 +26,7 @@ def check_room(n: int, config) -> None:
 class SoftPrompt(nn.Module):
     """(B,) -> (B, n, H) virtual input embeddings. `embedding` matches HF PEFT's PromptEmbedding."""
 
-    same_in_every_row = True  # so a batch may compute it once (`virtual.shares_prompt`)
+    same_in_every_row = True  # so a batch may compute it once (`virtual.shares_rows`)
 
     def __init__(self, n: int, init: torch.Tensor):
         super().__init__()
