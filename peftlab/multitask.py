@@ -55,20 +55,25 @@ class MultiTask:
 class TaskPrompts(nn.Module):
     """One soft prompt per task; `route` (task ids of the current rows) picks each row's."""
 
-    same_in_every_row = False
-
     def __init__(self, prompt: SoftPrompt, tasks: list[str]):
         super().__init__()
         self.n = prompt.n
         self.prompts = nn.ModuleDict({t: SoftPrompt(prompt.n, prompt.embedding.weight.detach()) for t in tasks})
         self.route: torch.Tensor | None = None
 
+    @property
+    def same_in_every_row(self) -> bool:
+        """Whether the current rows are all one task's (training batches are): one prompt, which a
+        batch may then compute once (`virtual.shares_rows`, asking for `self(1)`)."""
+        return self.route is not None and bool((self.route == self.route[0]).all())
+
     def forward(self, batch_size: int) -> torch.Tensor:
-        if self.route is None or batch_size % len(self.route):
+        route = self.route[:1] if batch_size == 1 and self.same_in_every_row else self.route
+        if route is None or batch_size % len(route):
             raise PeftlabError("per-task soft prompts need each row's task: call the model with task_ids")
         table = torch.stack([p.embedding.weight for p in self.prompts.values()])  # (tasks, n, H)
         # multi-token label words score each row once per label, rows repeated in place
-        return table[self.route.repeat_interleave(batch_size // len(self.route))]
+        return table[route.repeat_interleave(batch_size // len(route))]
 
 
 class MultiTaskClassifier(Classifier):

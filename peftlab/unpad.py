@@ -13,7 +13,9 @@ padded so that a causal model needs no mask at all, and gathers the outputs agai
 
 Only the attention layer knows the grid (`_attention`, registered with transformers as an
 attention implementation for the duration of one body call); the outputs equal the padded
-forward's at the real positions, up to float rounding.
+forward's at the real positions, up to float rounding. Keys and values every row shares (a
+prefix, a soft prompt or common start run once: `virtual.shared_cache`) go in front of each
+row's on the grid, with a mask that lets every query see them.
 """
 
 import contextvars

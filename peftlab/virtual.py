@@ -108,7 +108,7 @@ def shares_rows(model: nn.Module, batch_size: int) -> bool:
     """Whether what every row starts with alike (a soft prompt, common tokens) may be computed
     once for the whole batch: under causal attention the same vectors at the same positions never
     see the rest of their row, so their hidden states are the same in every row. Not where they
-    differ: per-task prompts, a body that attends both ways, dropout drawing its own mask in each
+    differ: per-task prompts in a batch of several tasks, a body that attends both ways, dropout drawing its own mask in each
     row, rows routed by their index in the batch (`rows_by_index`: per-task LoRA adapters)."""
     prompt = getattr(model, "prompt", None)
     if batch_size < 2 or not getattr(prompt, "same_in_every_row", prompt is None) or not model.arch.causal \

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from peftlab import virtual
 from peftlab.batching import Encoded
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
@@ -71,7 +72,7 @@ def test_a_frozen_head_keeps_its_weights_and_a_transfer_adds_a_task(task_pair, t
     assert not p.model.head["fruit"].weight.requires_grad
 
 
-def test_frozen_network_trains_one_soft_prompt_per_task(task_pair, tmp_path):
+def test_frozen_network_trains_one_soft_prompt_per_task(task_pair, tmp_path, monkeypatch):
     cfg = cfg_for(task_pair, tmp_path, method="prompt", head="label-words", freeze="network",
                   train=TrainArgs(epochs=1, batch_size=16, lr=1e-2), train_limit=40, eval_limit=30)
     p = prepare(cfg)
@@ -90,6 +91,10 @@ def test_frozen_network_trains_one_soft_prompt_per_task(task_pair, tmp_path):
         alone = collate(enc, idx[rows], tok.pad_token_id, tok.padding_side)
         want = p.model(alone["input_ids"], alone["attention_mask"], tasks[rows])
         torch.testing.assert_close(mixed[rows][:, :want.shape[1]], want, atol=1e-5, rtol=1e-5)
+        with monkeypatch.context() as m:  # one task's rows compute its prompt once: as every row running it
+            m.setattr(virtual, "shares_rows", lambda *a: False)
+            torch.testing.assert_close(p.model(alone["input_ids"], alone["attention_mask"], tasks[rows]), want,
+                                       atol=1e-5, rtol=1e-5)
     r = train_run(cfg, progress=False)
     assert r["trainable_params"] == 2 * 20 * p.model.arch.hidden_size
 
