@@ -2,7 +2,7 @@
 
     python -m bench.speed_switch [--switch bf16_weights|fp32_attention|unpad|last_block|shared_prompt]
                                  [--task sst2] [--train-limit 2000] [--rounds 2] [--model smollm2-135m]
-                                 [--method lora]
+                                 [--method lora] [--seeds 0] [--eval-limit 100]
 
 LoRA (default targets; --method: another) on SmolLM2-135M (or --model) under bf16 autocast, one
 epoch, batch 16, evaluation on 100 test rows. "off" replaces the switch in the training loop
@@ -18,8 +18,8 @@ with a no-op:
   the pooled one, as in HF's loops; metrics differ by rounding.
 - shared_prompt (`virtual.shares_rows`; prompt tuning, the method it then defaults to): every
   row then runs the soft prompt itself, as in HF PEFT; metrics differ by rounding.
-The two alternate for --rounds rounds in one process; prints each epoch's seconds and test
-macro-F1 and the median ratio.
+The two alternate for --rounds rounds (each over every seed in --seeds) in one process; prints
+each epoch's seconds and test macro-F1, the median ratio and the mean macro-F1 of each side.
 """
 
 import argparse
@@ -60,24 +60,31 @@ def main() -> None:
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--train-limit", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seeds", default="0", help="comma-separated: each round runs every seed on both sides")
+    ap.add_argument("--eval-limit", type=int, default=100)
     args = ap.parse_args()
     method = args.method or ("prompt" if args.switch == "shared_prompt" else "lora")
     use = _switch(args.switch)
     seconds: dict[str, list[float]] = {"on": [], "off": []}
+    scores: dict[str, list[float]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for side in ("on", "off"):
-                use(side == "on")
-                cfg = RunConfig(model=args.model, task=args.task, method=method, train_limit=args.train_limit,
-                                eval_limit=100, out=f"{tmp}/{side}{r}",
-                                train=TrainArgs(epochs=1, batch_size=16, precision="bf16"))
-                rec = train_run(cfg, progress=False)
-                seconds[side].append(rec["time_per_epoch_s"][0])
-                print(f"round {r + 1}, {args.switch} {side}: {seconds[side][-1]:.1f} s/epoch, "
-                      f"test macro-F1 {rec['test']['macro_f1']:.4f}", flush=True)
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                for side in ("on", "off"):
+                    use(side == "on")
+                    cfg = RunConfig(model=args.model, task=args.task, method=method, train_limit=args.train_limit,
+                                    eval_limit=args.eval_limit, seed=seed, out=f"{tmp}/{side}{r}-{seed}",
+                                    train=TrainArgs(epochs=1, batch_size=16, precision="bf16"))
+                    rec = train_run(cfg, progress=False)
+                    seconds[side].append(rec["time_per_epoch_s"][0])
+                    scores[side].append(rec["test"]["macro_f1"])
+                    print(f"round {r + 1}, seed {seed}, {args.switch} {side}: {seconds[side][-1]:.1f} s/epoch, "
+                          f"test macro-F1 {scores[side][-1]:.4f}", flush=True)
     use(True)
     on, off = statistics.median(seconds["on"]), statistics.median(seconds["off"])
-    print(f"{args.model}, {method}, {args.task}, {args.train_limit} rows, {args.switch}: on {on:.1f} s, off {off:.1f} s, on/off {on / off:.3f}")
+    print(f"{args.model}, {method}, {args.task}, {args.train_limit} rows, {args.switch}: on {on:.1f} s, off {off:.1f} s, "
+          f"on/off {on / off:.3f}; mean test macro-F1 on {statistics.mean(scores['on']):.4f}, "
+          f"off {statistics.mean(scores['off']):.4f}")
 
 
 if __name__ == "__main__":
