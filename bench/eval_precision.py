@@ -92,17 +92,17 @@ def shared(args) -> None:
     print("| task | k | shared s (accuracy) | every row s (accuracy) | speed-up |\n|---|---|---|---|---|")
     for task in args.tasks:
         loaded = load_task(task)
-        seconds: dict[str, list] = {"shared": [], "rows": []}
+        records: dict[str, list] = {"shared": [], "rows": []}
         for _ in range(args.rounds):
-            for side in seconds:
+            for side in records:
                 virtual.common_start = common_start if side == "shared" else lambda *a, **k: None
-                seconds[side].append(icl_classify(backbone, loaded, args.shots, repeats=1, limit=args.icl_limit,
+                records[side].append(icl_classify(backbone, loaded, args.shots, repeats=1, limit=args.icl_limit,
                                                   progress=False, precision="bf16"))
         virtual.common_start = common_start
         for i, k in enumerate(args.shots):
-            med = {s: statistics.median(r[i]["seconds"] for r in runs) for s, runs in seconds.items()}
-            acc = {s: 100 * runs[0][i]["metrics"]["accuracy"]["mean"] for s, runs in seconds.items()}
-            print(f"| {task} | {k} ({seconds['shared'][0][i]['prompt_tokens']:.0f} tokens a prompt) | "
+            med = {s: statistics.median(r[i]["seconds"] for r in runs) for s, runs in records.items()}
+            acc = {s: 100 * runs[0][i]["metrics"]["accuracy"]["mean"] for s, runs in records.items()}
+            print(f"| {task} | {k} ({records['shared'][0][i]['prompt_tokens']:.0f} tokens a prompt) | "
                   f"{med['shared']:.1f} ({acc['shared']:.1f}) | {med['rows']:.1f} ({acc['rows']:.1f}) | "
                   f"{med['rows'] / med['shared']:.2f}x |", flush=True)
 

@@ -28,7 +28,8 @@ def next_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, past=No
                 kv_dtype: torch.dtype | None = None):
     """(B, V) logits for the next token, the cache (or None) and the full mask used; a new
     cache keeps its keys and values in `kv_dtype` if given."""
-    kw, full_mask, _ = body_inputs(model, ids, mask, past=past, use_cache=use_cache, kv_dtype=kv_dtype, share_start=1)
+    kw, full_mask, _ = body_inputs(model, ids, mask, past=past, use_cache=use_cache, kv_dtype=kv_dtype,
+                                   share_start=1)  # a first step's common start (an instruction) runs once
     out = model.arch.body(**kw)
     logits = model.arch.lm_head(out.last_hidden_state[:, -1])
     return logits.float(), (output_cache(out) if use_cache else None), full_mask

@@ -76,9 +76,10 @@ def body_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     elif prompt is not None or prefix is not None or share_start:
         B = input_ids.shape[0]
         shared = shares_rows(model, B)
-        lead = common_start(input_ids, attention_mask, share_start) if share_start and shared else None
-        if lead is not None:
-            lead, input_ids, attention_mask = lead
+        split = common_start(input_ids, attention_mask, share_start) if share_start and shared else None
+        lead = None
+        if split is not None:  # the rest of each row becomes the body's input
+            lead, input_ids, attention_mask = split
             pool_mask, n_new = attention_mask, input_ids.shape[1]
         n_prefix, n_prompt = virtual_tokens(model)
         n_lead = 0 if lead is None else lead.shape[1]
@@ -108,8 +109,9 @@ def shares_rows(model: nn.Module, batch_size: int) -> bool:
     """Whether what every row starts with alike (a soft prompt, common tokens) may be computed
     once for the whole batch: under causal attention the same vectors at the same positions never
     see the rest of their row, so their hidden states are the same in every row. Not where they
-    differ: per-task prompts in a batch of several tasks, a body that attends both ways, dropout drawing its own mask in each
-    row, rows routed by their index in the batch (`rows_by_index`: per-task LoRA adapters)."""
+    differ: per-task prompts in a batch of several tasks, a body that attends both ways, dropout
+    drawing its own mask in each row, rows routed by their index in the batch (`rows_by_index`:
+    per-task LoRA adapters)."""
     prompt = getattr(model, "prompt", None)
     if batch_size < 2 or not getattr(prompt, "same_in_every_row", prompt is None) or not model.arch.causal \
             or getattr(model, "bidirectional", False) or by_index():

@@ -219,12 +219,14 @@ def test_common_start_finds_what_every_row_starts_with():
     assert rest.tolist() == [[0, 0, 8], [9, 9, 1], [0, 2, 3]]
     assert rest_mask.tolist() == [[0, 0, 1], [1, 1, 1], [0, 1, 1]]
     assert virtual.common_start(ids, mask, keep=2)[0].tolist() == [[5, 6]]
-    right = virtual.common_start(torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 1, 2]]), torch.tensor([[1, 1, 1, 1, 0], [1] * 5]))
+    right = virtual.common_start(torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 1, 2]]),
+                                 torch.tensor([[1, 1, 1, 1, 0], [1] * 5]))
     assert [t.tolist() for t in right] == [[[5, 6, 7]], [[8, 0], [1, 2]], [[1, 0], [1, 1]]]
     both = virtual.common_start(torch.tensor([[0, 5, 6, 7, 4, 0], [5, 6, 7, 1, 2, 3]]),
                                 torch.tensor([[0, 1, 1, 1, 1, 0], [1] * 6]))
     assert [t.tolist() for t in both] == [[[5, 6, 7]], [[0, 4, 0], [1, 2, 3]], [[0, 1, 0], [1, 1, 1]]]
-    assert virtual.common_start(torch.tensor([[5, 6, 1, 2, 3, 4], [5, 9, 1, 2, 3, 4]]), torch.ones(2, 6, dtype=torch.long)) is None
+    differ = torch.tensor([[5, 6, 1, 2, 3, 4], [5, 9, 1, 2, 3, 4]])
+    assert virtual.common_start(differ, torch.ones(2, 6, dtype=torch.long)) is None
     assert virtual.common_start(ids, torch.tensor([[1, 0, 1, 1, 1, 1], [1] * 6, [0, 1, 1, 1, 1, 1]])) is None
 
 
