@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.prompt import check_room
+from peftlab.methods.prompt import VirtualTokens
 from peftlab.virtual import output_cache, shared_cache
 
 
@@ -84,31 +84,22 @@ def real_token_key_values(model: nn.Module, n: int, seed: int = 0) -> torch.Tens
 
 
 @dataclass
-class PrefixTuning:
-    n: int = 20
+class PrefixTuning(VirtualTokens):
     projection: int = 0
     init: str = "tokens"  # tokens: real keys/values of random tokens; random: N(0, 1) as HF PEFT
     default_lr: float = 3e-3
     name: str = "prefix"
     reads = ("virtual_tokens", "prefix_")  # the MethodArgs it reads, by prefix
 
-    @property
-    def positions(self) -> int:
-        """Context positions the virtual tokens take before the text."""
-        return self.n
-
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise PeftlabError(f"--virtual-tokens must be at least 1, got {self.n}")
+        super().__post_init__()
         if self.projection < 0:
             raise PeftlabError(f"--prefix-projection must be >= 0 (0: no MLP), got {self.projection}")
         if self.init not in ("tokens", "random"):
             raise PeftlabError(f"--prefix-init '{self.init}' is unknown; valid: tokens, random")
 
     def apply(self, model: nn.Module) -> None:
-        if getattr(model, "prefix", None) is not None:
-            raise PeftlabError("the model already has a prefix; a spec may hold one prefix method")
-        check_room(self.n, model.arch.body.config)  # the prefix takes the first positions
+        self.claim(model, "prefix", "a prefix")
         layers, kv, d = kv_shape(model.arch.body.config)
         model.prefix = Prefix(self.n, layers, kv, d, self.projection)
         if self.init == "tokens" and not self.projection and model.arch.causal:

@@ -15,12 +15,29 @@ from peftlab.errors import PeftlabError
 INITS = ("text", "vocab", "random")
 
 
-def check_room(n: int, config) -> None:
-    """Virtual tokens take positions of the model's context: refuse as many as it has."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and n >= limit:
-        raise PeftlabError(f"--virtual-tokens {n} leaves no room for text in this model's {limit}-position "
-                           f"context; use fewer, e.g. --virtual-tokens {min(20, limit // 2)}")
+@dataclass
+class VirtualTokens:
+    """What prompt and prefix tuning share: n virtual tokens in the first positions of the context."""
+
+    n: int = 20
+
+    @property
+    def positions(self) -> int:
+        """Context positions the virtual tokens take before the text."""
+        return self.n
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise PeftlabError(f"--virtual-tokens must be at least 1, got {self.n}")
+
+    def claim(self, model: nn.Module, part: str, what: str) -> None:
+        """Refuse a second method of this kind (`model.<part>` set) and more tokens than the context has."""
+        if getattr(model, part, None) is not None:
+            raise PeftlabError(f"the model already has {what}; a spec may hold one {part} method")
+        limit = getattr(model.arch.body.config, "max_position_embeddings", None)
+        if limit is not None and self.n >= limit:
+            raise PeftlabError(f"--virtual-tokens {self.n} leaves no room for text in this model's {limit}-position "
+                               f"context; use fewer, e.g. --virtual-tokens {min(20, limit // 2)}")
 
 
 class SoftPrompt(nn.Module):
@@ -59,8 +76,7 @@ def init_vectors(n: int, embeddings: nn.Embedding, how: str, text: str | None, t
 
 
 @dataclass
-class PromptTuning:
-    n: int = 20
+class PromptTuning(VirtualTokens):
     init: str = "vocab"
     text: str | None = None
     # 3e-2 (HF PEFT's examples) moves SmolLM2's vectors ~20% of the embeddings' std a step and,
@@ -70,21 +86,13 @@ class PromptTuning:
     name: str = "prompt"
     reads = ("virtual_tokens", "prompt_")  # the MethodArgs it reads, by prefix
 
-    @property
-    def positions(self) -> int:
-        """Context positions the virtual tokens take before the text."""
-        return self.n
-
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise PeftlabError(f"--virtual-tokens must be at least 1, got {self.n}")
+        super().__post_init__()
         if self.init not in INITS:  # fail before the model loads
             raise PeftlabError(f"--prompt-init '{self.init}' is unknown; valid: {', '.join(INITS)}")
 
     def apply(self, model: nn.Module) -> None:
-        if getattr(model, "prompt", None) is not None:
-            raise PeftlabError("the model already has a soft prompt; a spec may hold one prompt method")
-        check_room(self.n, model.arch.body.config)
+        self.claim(model, "prompt", "a soft prompt")
         if self.init == "text" and model.tokenizer is None:
             raise PeftlabError("--prompt-init text needs the model's tokenizer; build the model from a backbone")
         # the run's seed (prepare seeds torch with it): seeds draw different vocabulary tokens
