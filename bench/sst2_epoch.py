@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=2000)
     ap.add_argument("--eval-limit", type=int, default=400)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--seeds", default="0", help="comma-separated; round r uses seeds[r % len(seeds)]")
+    ap.add_argument("--seeds", default="0", help="comma-separated; round r uses seeds[r %% len(seeds)]")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     args = ap.parse_args()
     import transformers
