@@ -207,7 +207,7 @@ def build_cache(model: nn.Module, enc: Encoded, tokenizer, point: int, *, batch_
         batches = eval_batches(enc.lengths, batch_size)
         bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if progress else True)
         with autocast(precision), bf16_weights([model], precision, frozen_only=False), \
-                fp32_attention([model], precision):
+                fp32_attention([model]):
             for idx in bar:
                 b = collate(enc, idx, pad, side)
                 if point == POOLED:

@@ -191,22 +191,33 @@ FP32_SDPA = "peftlab_fp32_sdpa"
 def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention where it would run in bf16 on the CPU (under bf16 autocast, or
-    given bf16), with the kernel working in fp32 on the same bf16-rounded inputs (Llama's rotary
-    embedding hands over q and k in fp32: autocast would round them too). The kernel saves its
-    inputs for backward as their bf16 originals, so the memory is that of bf16 attention. Grouped
-    keys and values go to the kernel as they are (`enable_gqa`): transformers repeats them to
-    every query head whenever there is a padding mask, which costs 10% of a step on short batches
-    and stores 3x the keys and values. Anything unusual (caches, position biases, keys longer
-    than queries without a mask) goes to transformers' own function."""
+    """transformers' SDPA attention on the CPU, with two changes for training there:
+
+    - Where it would run in bf16 (under bf16 autocast, or given bf16), the kernel works in fp32 on
+      the same bf16-rounded inputs (Llama's rotary embedding hands over q and k in fp32: autocast
+      would round them too). The kernel saves its inputs for backward as their bf16 originals, so
+      the memory is that of bf16 attention.
+    - Grouped keys and values go to the kernel as they are (`enable_gqa`), in fp32 too:
+      transformers repeats them to every query head whenever there is a mask (padding, or keys
+      every row shares in front: a prefix, a soft prompt), which costs 10% of a step on short
+      batches and stores 3x the keys and values for backward.
+
+    Anything else (another device, fp32 without a mask or without grouped keys, caches, position
+    biases, keys longer than queries without a mask) goes to transformers' own function."""
     cpu_bf16 = query.device.type == "cpu" and (_bf16_autocast(query) or torch.bfloat16 in (query.dtype, value.dtype))
+    grouped = query.shape[1] != key.shape[1]
+    cpu_grouped = query.device.type == "cpu" and grouped and attention_mask is not None
     unusual = (attention_mask is None and key.shape[2] != query.shape[2] or kwargs.get("output_attentions")
                or any(kwargs.get(k) is not None for k in ("cache", "position_bias", "softcap")))
-    if not cpu_bf16 or unusual:
+    if not (cpu_bf16 or cpu_grouped) or unusual:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = query.shape[2] > 1 and attention_mask is None and (
         getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    if not cpu_bf16:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, is_causal=causal, enable_gqa=grouped)
+        return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
@@ -223,7 +234,7 @@ def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             out = F.scaled_dot_product_attention(*full, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-                                                 is_causal=causal, enable_gqa=query.shape[1] != key.shape[1])
+                                                 is_causal=causal, enable_gqa=grouped)
     return out.to(torch.bfloat16).transpose(1, 2).contiguous(), None
 
 
@@ -234,22 +245,22 @@ def _register_fp32_sdpa() -> None:
 
 
 @contextlib.contextmanager
-def fp32_attention(modules: Iterable[nn.Module], precision: str = "bf16") -> Iterator[int]:
+def fp32_attention(modules: Iterable[nn.Module]) -> Iterator[int]:
     """Inside, the SDPA attention of the transformers models among `modules` runs in fp32 under
-    bf16 autocast (the projections around it stay bf16); yields how many model configs switched.
+    bf16 autocast (the projections around it stay bf16), and on grouped keys and values without
+    repeating them (`_fp32_sdpa`); yields how many model configs switched.
 
     For training on the CPU: PyTorch's bf16 flash-attention backward is 4-10x slower than its
     fp32 one here (5.5 ms against 0.8 ms for 16 x 9 heads x 12 tokens; 49 against 27 ms at 128
     tokens), 20% of a LoRA step on short SST-2 batches (torch profiler). Feature caches use it too,
     so a bf16 run's cached features are those its end-to-end epochs would compute. Evaluation and
     decoding keep bf16 attention (its forward is as fast at prefill shapes, and decoded tokens
-    equal HF `generate`'s under autocast). A no-op unless `precision` resolves to bf16.
+    equal HF `generate`'s under autocast). In fp32 it only changes how grouped keys reach the
+    kernel where there is a mask (the same attention: 3x fewer keys and values saved for backward).
     """
-    configs: list[PretrainedConfig] = []
-    if resolve(precision) == "bf16":  # the attention modules share their model's config
-        configs = list({id(cfg): cfg for root in modules for mod in root.modules()
-                        if isinstance(cfg := getattr(mod, "config", None), PretrainedConfig)
-                        and cfg._attn_implementation == "sdpa"}.values())
+    configs = list({id(cfg): cfg for root in modules for mod in root.modules()  # attention shares its model's config
+                    if isinstance(cfg := getattr(mod, "config", None), PretrainedConfig)
+                    and cfg._attn_implementation == "sdpa"}.values())
     if configs:
         _register_fp32_sdpa()
     for cfg in configs:

@@ -244,7 +244,7 @@ def train(model: nn.Module, lengths: np.ndarray, batch_loss: Callable[[np.ndarra
     progress = progress and parallel.is_main()
     world = parallel.world()
     # frozen weights cast to bf16 once, not every step; attention in fp32 (its bf16 backward is slow)
-    with bf16_weights([model], args.precision), fp32_attention([model], args.precision):
+    with bf16_weights([model], args.precision), fp32_attention([model]):
         while pos.epoch < args.epochs:
             batches = first if pos.epoch == 0 else plan(pos.epoch)
             t0 = time.perf_counter() - pos.seconds

@@ -70,7 +70,7 @@ def test_pooled_last_block_equals_the_whole_block(name, method, floor, monkeypat
     monkeypatch.setattr(unpad, "MIN_PADDING", floor)
     ids, mask = padded_batch(b.tokenizer)
     assert_same(m, ids, mask, monkeypatch, 1e-5)
-    with fp32_attention([m], "bf16"), torch.autocast("cpu", dtype=torch.bfloat16):
+    with fp32_attention([m]), torch.autocast("cpu", dtype=torch.bfloat16):
         assert_same(m, ids, mask, monkeypatch, 2e-2)
 
 

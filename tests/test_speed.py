@@ -233,7 +233,7 @@ def test_fp32_attention_under_bf16_autocast(name, method, monkeypatch):
     """speed.fp32_attention: the attention kernel gets fp32 inputs under bf16 autocast, and the
     outputs are bitwise those of the same model with SDPA upcast by hand, gradients equal to bf16
     rounding (with and without padding, grouped keys, a prefix); the model's attention setting is
-    restored on exit; fp32 precision changes nothing."""
+    restored on exit."""
     import torch.nn.functional as F
 
     from peftlab.speed import fp32_attention
@@ -268,7 +268,7 @@ def test_fp32_attention_under_bf16_autocast(name, method, monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", upcast)
     ref_out, ref_grads = step()
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    with fp32_attention([m], "bf16") as n:
+    with fp32_attention([m]) as n:
         assert n == 1
         out, grads = step()
     assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen)
@@ -278,8 +278,48 @@ def test_fp32_attention_under_bf16_autocast(name, method, monkeypatch):
     assert all(torch.allclose(g, r, rtol=0, atol=1e-2 * r.abs().max().item()) for g, r in zip(grads, ref_grads))
     assert not torch.equal(out[0], plain_out[0])  # bf16 attention differs: the switch did something
     assert m.arch.body.config._attn_implementation == "sdpa"
-    with fp32_attention([m], "fp32") as n:
-        assert n == 0
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_fp32_attention_in_fp32_keeps_grouped_keys_grouped(method, monkeypatch):
+    """In fp32, speed.fp32_attention changes only how grouped keys and values reach the kernel
+    where there is a mask (padding, a prefix): as they are, where transformers repeats them to
+    every query head (3x the keys saved for backward on SmolLM2). Outputs and gradients equal."""
+    import torch.nn.functional as F
+
+    from peftlab.speed import fp32_attention
+
+    b, m, _ = adapted("tiny-llama", method)
+    ids = torch.randint(5, 90, (3, 7))
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    trained = [p for p in m.parameters() if p.requires_grad]
+    real, heads = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *a, **kw):
+        heads.append((q.shape[1], k.shape[1], kw.get("attn_mask") is not None))
+        return real(q, k, v, *a, **kw)
+
+    def step():
+        m.zero_grad()
+        outs = []
+        for mask in (padded, torch.ones_like(ids)):
+            out = m(ids, mask)
+            out.square().sum().backward()
+            outs.append(out.detach())
+        return outs, [p.grad.clone() for p in trained]
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ref_out, ref_grads = step()
+    assert all(q == k for q, k, masked in heads if masked)  # transformers: repeated under a mask
+    heads.clear()
+    with fp32_attention([m]) as n:
+        assert n == 1
+        out, grads = step()
+    assert any(masked for _, _, masked in heads) and all(k < q for q, k, masked in heads if masked)
+    assert all(torch.allclose(o, r, rtol=0, atol=1e-6) for o, r in zip(out, ref_out))
+    assert all(torch.allclose(g, r, rtol=1e-5, atol=1e-6 * r.abs().max().item()) for g, r in zip(grads, ref_grads))
+    assert m.arch.body.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])

@@ -74,7 +74,7 @@ def test_unpadded_equals_padded(name, method, monkeypatch):
     assert padded[2] == 0 and unpadded[2] == layers
     assert_same(unpadded, padded, 1e-5)
     assert b.arch.body.config._attn_implementation == "sdpa"
-    with fp32_attention([m], "bf16"), torch.autocast("cpu", dtype=torch.bfloat16):
+    with fp32_attention([m]), torch.autocast("cpu", dtype=torch.bfloat16):
         padded = outputs_and_grads(m, ids, mask, monkeypatch, unpadded=False)
         unpadded = outputs_and_grads(m, ids, mask, monkeypatch, unpadded=True)
         assert unpadded[2] == layers

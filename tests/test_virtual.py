@@ -134,7 +134,7 @@ def test_a_shared_prompt_equals_each_rows_own(name, spec, floor, monkeypatch):
         real = virtual.start_cache
         monkeypatch.setattr(virtual, "start_cache", lambda *a: calls.append(1) or real(*a))
         m.zero_grad()
-        with autocast("bf16" if bf16 else "fp32"), fp32_attention([m], "bf16" if bf16 else "fp32"):
+        with autocast("bf16" if bf16 else "fp32"), fp32_attention([m]):
             out = m(ids, mask)
         out.float().square().sum().backward()
         monkeypatch.setattr(virtual, "start_cache", real)
