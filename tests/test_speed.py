@@ -11,7 +11,7 @@ from peftlab.errors import PeftlabError
 from peftlab.models import load_backbone
 from peftlab.run import train_run
 from peftlab.runconfig import RunConfig
-from peftlab.speed import cpu_has_bf16, resolve, tune_allocator
+from peftlab.speed import autocast, cpu_has_bf16, resolve, tune_allocator
 from peftlab.train import TrainArgs, logits_fn, predict
 from tests.conftest import adapted
 
@@ -228,6 +228,26 @@ def test_label_words_are_scored_by_an_fp32_lm_head_under_bf16():
     assert seen and all(s == (torch.float32, torch.float32) for s in seen)
 
 
+def _padded_and_not(m, precision: str):
+    """A function that runs `m` forward and backward on 3 x 7 tokens padded and not (under
+    `precision`'s autocast) and returns the outputs and the trained parameters' gradients."""
+    ids = torch.randint(5, 90, (3, 7))
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    trained = [p for p in m.parameters() if p.requires_grad]
+
+    def step():
+        m.zero_grad()
+        outs = []
+        for mask in (padded, torch.ones_like(ids)):
+            with autocast(precision):
+                out = m(ids, mask)
+            out.float().square().sum().backward()
+            outs.append(out.detach())
+        return outs, [p.grad.clone() for p in trained]
+    return step
+
+
 @pytest.mark.parametrize("name,method", [("tiny-llama", "lora"), ("tiny-llama", "prefix"), ("tiny-gpt2", "lora")])
 def test_fp32_attention_under_bf16_autocast(name, method, monkeypatch):
     """speed.fp32_attention: the attention kernel gets fp32 inputs under bf16 autocast, and the
@@ -239,10 +259,7 @@ def test_fp32_attention_under_bf16_autocast(name, method, monkeypatch):
     from peftlab.speed import fp32_attention
 
     b, m, _ = adapted(name, method)
-    ids = torch.randint(5, 90, (3, 7))
-    padded = torch.ones_like(ids)
-    padded[0, :3] = 0
-    trained = [p for p in m.parameters() if p.requires_grad]
+    step = _padded_and_not(m, "bf16")
     real, seen = F.scaled_dot_product_attention, []
 
     def spy(q, k, v, *a, **kw):
@@ -253,16 +270,6 @@ def test_fp32_attention_under_bf16_autocast(name, method, monkeypatch):
         with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
             return real(q, k, v, attn_mask=attn_mask, **kw).to(torch.bfloat16)
-
-    def step():
-        m.zero_grad()
-        outs = []
-        for mask in (padded, torch.ones_like(ids)):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = m(ids, mask)
-            out.float().square().sum().backward()
-            outs.append(out.detach())
-        return outs, [p.grad.clone() for p in trained]
 
     plain_out, _ = step()
     monkeypatch.setattr(F, "scaled_dot_product_attention", upcast)
@@ -290,24 +297,12 @@ def test_fp32_attention_in_fp32_keeps_grouped_keys_grouped(method, monkeypatch):
     from peftlab.speed import fp32_attention
 
     b, m, _ = adapted("tiny-llama", method)
-    ids = torch.randint(5, 90, (3, 7))
-    padded = torch.ones_like(ids)
-    padded[0, :3] = 0
-    trained = [p for p in m.parameters() if p.requires_grad]
+    step = _padded_and_not(m, "fp32")
     real, heads = F.scaled_dot_product_attention, []
 
     def spy(q, k, v, *a, **kw):
         heads.append((q.shape[1], k.shape[1], kw.get("attn_mask") is not None))
         return real(q, k, v, *a, **kw)
-
-    def step():
-        m.zero_grad()
-        outs = []
-        for mask in (padded, torch.ones_like(ids)):
-            out = m(ids, mask)
-            out.square().sum().backward()
-            outs.append(out.detach())
-        return outs, [p.grad.clone() for p in trained]
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     ref_out, ref_grads = step()
