@@ -23,6 +23,18 @@ def test_tiny_models_and_their_parts(name, causal, blocks, norm):
     assert b.model.config.pad_token_id == tok.pad_token_id
 
 
+def test_each_tiny_model_has_its_own_tokenizer():
+    """The tiny models' tokenizer is parsed once per process; every backbone gets its own copy,
+    so one test's changes (padding side, added tokens) never reach another's."""
+    a, b = load_backbone("tiny-llama").tokenizer, load_backbone("tiny-gpt2").tokenizer
+    assert a is not b and a.backend_tokenizer is not b.backend_tokenizer
+    a.padding_side = "right"
+    a.add_tokens(["<peftlab-test>"])
+    c = load_backbone("tiny-llama").tokenizer
+    assert c.padding_side == "left" and len(c) == len(b) == len(a) - 1
+    assert c("x <peftlab-test>")["input_ids"] != a("x <peftlab-test>")["input_ids"]
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_models_are_deterministic_by_seed(name):
     a, b, c = (load_backbone(name, seed=s).model.state_dict() for s in (0, 0, 1))
