@@ -204,22 +204,25 @@ def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 
     Anything else (another device, fp32 without a mask or without grouped keys, caches, position
     biases, keys longer than queries without a mask) goes to transformers' own function."""
-    cpu_bf16 = query.device.type == "cpu" and (_bf16_autocast(query) or torch.bfloat16 in (query.dtype, value.dtype))
+    cpu = query.device.type == "cpu"
+    cpu_bf16 = cpu and (_bf16_autocast(query) or torch.bfloat16 in (query.dtype, value.dtype))
     grouped = query.shape[1] != key.shape[1]
-    cpu_grouped = query.device.type == "cpu" and grouped and attention_mask is not None
     unusual = (attention_mask is None and key.shape[2] != query.shape[2] or kwargs.get("output_attentions")
                or any(kwargs.get(k) is not None for k in ("cache", "position_bias", "softcap")))
-    if not (cpu_bf16 or cpu_grouped) or unusual:
+    if unusual or not (cpu_bf16 or cpu and grouped and attention_mask is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = query.shape[2] > 1 and attention_mask is None and (
         getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    if not cpu_bf16:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                             scale=scaling, is_causal=causal, enable_gqa=grouped)
-        return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
+
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                              is_causal=causal, enable_gqa=grouped).transpose(1, 2)
+
+    if not cpu_bf16:
+        return kernel(query, key, value).contiguous(), None
     with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
         half = [t.to(torch.bfloat16) for t in (query, key, value)]
         full = [t.float() for t in half]
@@ -233,9 +236,8 @@ def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
             return t[0].float() if isinstance(t, tuple) else t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            out = F.scaled_dot_product_attention(*full, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-                                                 is_causal=causal, enable_gqa=grouped)
-    return out.to(torch.bfloat16).transpose(1, 2).contiguous(), None
+            out = kernel(*full)
+    return out.to(torch.bfloat16).contiguous(), None
 
 
 @functools.cache
