@@ -2,7 +2,7 @@
 
     python -m bench.lora_vs_peft [--model smollm2-135m] [--task sst2] [--train-limit 1000] [--epochs 2] [--seeds 0,1,2]
 
-Both sides: LoRA r=8, alpha=16 on q_proj and v_proj, a fresh 2-way head, AdamW (LoRA at --lr,
+Both sides: LoRA r=8, alpha=16 on q_proj and v_proj, a fresh 2-way head, fused AdamW (LoRA at --lr,
 head at --head-lr, as peftlab's default groups), linear decay with 10% warmup, the same seeded
 subset, the same length-bucketed batches in the same order. HF side: AutoModelForSequenceClassification
 + peft.get_peft_model, a plain loop (no Trainer), HF's own pooling and positions. Prints test
@@ -27,7 +27,7 @@ from peftlab.train import TrainArgs, lr_lambda
 
 
 def run_loop(model, forward, train, test, args, pad, groups, seed) -> dict:
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0, fused=True)  # as HF Trainer's default and peftlab's
     steps = math.ceil(len(train) / args.batch_size) * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("linear", int(0.1 * steps), steps))
     epoch_s = []

@@ -6,7 +6,7 @@ HF Trainer + PEFT.
 
 Both sides: SmolLM2-135M, LoRA r=8 alpha=16 on q_proj,v_proj plus a fresh 2-way head, the same
 seeded rows of SST-2 as users have them (sentences of 2 to 60 tokens), batch 16, one epoch,
-AdamW with LoRA at 1e-3 and the head at 1e-2 (peftlab's defaults, given to the Trainer as its
+fused AdamW with LoRA at 1e-3 and the head at 1e-2 (peftlab's defaults, given to the Trainer as its
 optimizer), linear decay after 10% warmup, clipping at 1.0, the same precision. Each side runs
 with its best documented settings: HF Trainer with dynamic padding (DataCollatorWithPadding) and
 length grouping (`train_sampling_strategy="group_by_length"`, transformers 5's group_by_length);
@@ -70,7 +70,9 @@ def hf_epoch(args, out: str, seed: int) -> tuple[float, float]:
     train, val = rows("train", args.train_limit), rows("validation", args.eval_limit)
     head = [p for n, p in model.named_parameters() if p.requires_grad and "score" in n]
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "score" not in n]
-    opt = torch.optim.AdamW([{"params": lora, "lr": 1e-3}, {"params": head, "lr": 1e-2}], weight_decay=0.01)
+    # fused: what the Trainer builds by default (optim="adamw_torch_fused"), here with two groups
+    opt = torch.optim.AdamW([{"params": lora, "lr": 1e-3}, {"params": head, "lr": 1e-2}], weight_decay=0.01,
+                            fused=True)
     steps = -(-len(train) // 16)
     targs = TrainingArguments(output_dir=out, per_device_train_batch_size=16, per_device_eval_batch_size=64,
                               num_train_epochs=1, learning_rate=1e-3, warmup_steps=int(0.1 * steps),

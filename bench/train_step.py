@@ -5,8 +5,8 @@
                                [--memory-runs 1] [--memory-only]
 
 Both sides: the same weights, the same random token ids (B x T, no padding), a fresh 2-way
-head, AdamW, clipping at 1.0, one optimizer step per batch. peftlab runs its own training loop
-(`peftlab.train.train`, as `peftlab train` does); the reference is
+head, fused AdamW (HF Trainer's default), clipping at 1.0, one optimizer step per batch. peftlab
+runs its own training loop (`peftlab.train.train`, as `peftlab train` does); the reference is
 AutoModelForSequenceClassification + peft.get_peft_model (the plain model for full fine-tuning)
 in a plain PyTorch loop, under the same autocast. Blocks of --steps steps alternate (peftlab, HF,
 peftlab, HF, ...) for --rounds rounds after one warm-up block each; the allocator is tuned for
@@ -120,7 +120,7 @@ def hf_side(case: str, args):
     elif case == "prompt":
         model = get_peft_model(model, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20))
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as HF Trainer's default and peftlab's
     ids = torch.randint(100, 40000, (args.batch_size, args.seq))
     mask, labels = torch.ones_like(ids), torch.randint(0, 2, (args.batch_size,))
     model.train()

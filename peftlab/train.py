@@ -61,7 +61,9 @@ def make_optimizer(model: nn.Module, lr: float, head_lr: float, weight_decay: fl
     groups = [{"params": [p for p in params if (p.dim() >= 2) == matrix], "lr": group_lr,
                "weight_decay": weight_decay if matrix else 0.0}
               for params, group_lr in ((body, lr), (heads, head_lr)) for matrix in (True, False)]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    # one fused kernel over all tensors (HF Trainer's default too): the per-tensor loop that
+    # torch picks on the CPU takes 3-5x longer, 0.2-0.35 s a step when all 135M weights train
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=True)
 
 
 Logits = Callable[[np.ndarray], torch.Tensor]  # example indices -> their (B, num_labels) logits

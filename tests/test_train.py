@@ -85,6 +85,32 @@ def test_only_matrices_are_weight_decayed_and_the_head_has_its_own_lr():
     assert got[id(m.head.weight)] == (0.1, 1e-2) and got[id(m.head.bias)] == (0.0, 1e-2)
 
 
+def test_the_fused_optimizer_steps_as_the_per_tensor_adamw():
+    from peftlab.train import make_optimizer
+
+    torch.manual_seed(0)
+    nets = []
+    for _ in range(2):
+        m = torch.nn.Module()
+        m.body, m.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+        nets.append(m)
+    nets[1].load_state_dict(nets[0].state_dict())
+    fused = make_optimizer(nets[0], lr=1e-2, head_lr=1e-1, weight_decay=0.1)
+    loop = torch.optim.AdamW([{k: v for k, v in g.items() if k != "fused"} for g in
+                              make_optimizer(nets[1], lr=1e-2, head_lr=1e-1, weight_decay=0.1).param_groups])
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    start = [p.detach().clone() for p in nets[0].parameters()]
+    x = torch.randn(16, 8)
+    for _ in range(5):
+        for m, opt in zip(nets, (fused, loop)):
+            m.head(torch.tanh(m.body(x))).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b, a0 in zip(nets[0].parameters(), nets[1].parameters(), start):
+        assert (a - a0).abs().min() > 1e-4  # every weight moved: steps that did nothing would agree too
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_schedule_warms_up_then_decays():
     f = lr_lambda("linear", warmup=2, total=10)
     assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
