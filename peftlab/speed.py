@@ -195,7 +195,7 @@ def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
 
     - Where it would run in bf16 (under bf16 autocast, or given bf16), the kernel works in fp32 on
       the same bf16-rounded inputs (Llama's rotary embedding hands over q and k in fp32: autocast
-      would round them too). The kernel saves its inputs for backward as their bf16 originals, so
+      would round them too). The kernel's inputs and output are kept for backward in bf16, so
       the memory is that of bf16 attention.
     - Grouped keys and values go to the kernel as they are (`enable_gqa`), in fp32 too:
       transformers repeats them to every query head whenever there is a mask (padding, or keys
@@ -227,17 +227,25 @@ def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         half = [t.to(torch.bfloat16) for t in (query, key, value)]
         full = [t.float() for t in half]
         originals = {t.data_ptr(): h for t, h in zip(full, half)}
+        saved: list[list[torch.Tensor]] = []
 
-        def pack(t: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor]:
+        def pack(t: torch.Tensor) -> list[torch.Tensor]:
             h = originals.get(t.data_ptr()) if t.dtype == torch.float32 else None
-            return t if h is None else (h,)  # exact: t is h in fp32
+            saved.append([t if h is None else h])  # exact: t is h in fp32
+            return saved[-1]
 
-        def unpack(t: torch.Tensor | tuple[torch.Tensor]) -> torch.Tensor:
-            return t[0].float() if isinstance(t, tuple) else t
+        def unpack(t: list[torch.Tensor]) -> torch.Tensor:
+            return t[0].float() if t[0].dtype == torch.bfloat16 else t[0]
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             out = kernel(*full)
-    return out.to(torch.bfloat16).contiguous(), None
+        # the kernel saves its fp32 output for backward too: keep the bf16 copy returned anyway
+        # (half the memory; its backward then sees the output bf16 attention would give)
+        half_out = out.to(torch.bfloat16)  # `out` is (B, T, H, D), a view of the kernel's (B, H, T, D)
+        for box in saved:
+            if box[0].data_ptr() == out.data_ptr() and box[0].dtype == torch.float32:
+                box[0] = half_out.transpose(1, 2)
+    return half_out.contiguous(), None
 
 
 @functools.cache

@@ -287,6 +287,33 @@ def test_fp32_attention_under_bf16_autocast(name, method, monkeypatch):
     assert m.arch.body.config._attn_implementation == "sdpa"
 
 
+def test_fp32_attention_keeps_for_backward_what_bf16_attention_keeps():
+    """Under bf16 autocast the fp32 kernel's inputs and output are kept for backward in bf16: the
+    memory a forward leaves for backward is that of transformers' bf16 attention, not twice it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from peftlab.measure import live_heap_bytes
+    from peftlab.speed import _fp32_sdpa
+
+    if live_heap_bytes() is None:
+        pytest.skip("glibc >= 2.33 only")
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 3
+    q = torch.randn(4, 6, 256, 64, dtype=torch.bfloat16, requires_grad=True)  # out: 768 KiB in bf16
+    k, v = (torch.randn(4, 2, 256, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+
+    def held(attention) -> int:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            before = live_heap_bytes()
+            out, _ = attention(module, q, k, v, None)
+            grew = live_heap_bytes() - before
+        out.float().sum().backward()  # both work
+        return grew
+
+    ours, theirs = held(_fp32_sdpa), held(sdpa_attention_forward)
+    assert ours <= 1.1 * theirs + 2**16, (ours, theirs)
+
+
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 def test_fp32_attention_in_fp32_keeps_grouped_keys_grouped(method, monkeypatch):
     """In fp32, speed.fp32_attention changes only how grouped keys and values reach the kernel
