@@ -226,25 +226,24 @@ def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
         half = [t.to(torch.bfloat16) for t in (query, key, value)]
         full = [t.float() for t in half]
-        originals = {t.data_ptr(): h for t, h in zip(full, half)}
-        saved: list[list[torch.Tensor]] = []
+        saved: list[list[torch.Tensor]] = []  # what the kernel keeps for backward, each in a box
 
         def pack(t: torch.Tensor) -> list[torch.Tensor]:
-            h = originals.get(t.data_ptr()) if t.dtype == torch.float32 else None
-            saved.append([t if h is None else h])  # exact: t is h in fp32
+            saved.append([t])
             return saved[-1]
 
-        def unpack(t: list[torch.Tensor]) -> torch.Tensor:
-            return t[0].float() if t[0].dtype == torch.bfloat16 else t[0]
+        def unpack(box: list[torch.Tensor]) -> torch.Tensor:
+            return box[0].float() if box[0].dtype == torch.bfloat16 else box[0]
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            out = kernel(*full)
-        # the kernel saves its fp32 output for backward too: keep the bf16 copy returned anyway
-        # (half the memory; its backward then sees the output bf16 attention would give)
-        half_out = out.to(torch.bfloat16)  # `out` is (B, T, H, D), a view of the kernel's (B, H, T, D)
+            out = kernel(*full)  # (B, T, H, D): a view of the kernel's (B, H, T, D)
+        half_out = out.to(torch.bfloat16)
+        # what it keeps in fp32 and has a bf16 twin of is kept as the twin, at half the memory: the
+        # inputs (exact) and the output (the copy returned anyway, as bf16 attention keeps it)
+        twins = {t.data_ptr(): h for t, h in zip(full, half)} | {out.data_ptr(): half_out.transpose(1, 2)}
         for box in saved:
-            if box[0].data_ptr() == out.data_ptr() and box[0].dtype == torch.float32:
-                box[0] = half_out.transpose(1, 2)
+            if box[0].dtype == torch.float32 and box[0].data_ptr() in twins:
+                box[0] = twins[box[0].data_ptr()]
     return half_out.contiguous(), None
 
 
